@@ -1,0 +1,5 @@
+"""finetune: fine-tune pretrained vision backbones with one switch for how the backbone is frozen."""
+
+from finetune.errors import ConfigError
+
+__all__ = ["ConfigError"]

@@ -1,0 +1,6 @@
+"""Callbacks that watch training: the freeze audit and the throughput/memory meter."""
+
+from finetune.callbacks.freeze_audit import FreezeAudit, FreezeViolationError
+from finetune.callbacks.run_meter import RunMeter
+
+__all__ = ["FreezeAudit", "FreezeViolationError", "RunMeter"]

@@ -1,0 +1,89 @@
+"""Proves, for every run, that the strategy froze exactly what it claims.
+
+At fit start it snapshots every parameter and buffer and reads the optimizer's parameter set; during fit it checks
+that frozen parameters never receive a gradient and frozen modules stay in eval mode; at fit end it writes
+`param_audit.json` (requires_grad, in_optimizer, changed, max_abs_delta per name) and fails the run on any violation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from lightning import Callback
+
+
+class FreezeViolationError(RuntimeError):
+    pass
+
+
+class FreezeAudit(Callback):
+    def __init__(self, output_path: str | None = "param_audit.json", fail_on_violation: bool = True):
+        self.output_path = output_path
+        self.fail_on_violation = fail_on_violation
+        self.report: dict | None = None
+
+    def on_fit_start(self, trainer, module) -> None:
+        self.frozen = module.strategy.frozen_names(module)
+        self.trainable = {n for n, _ in module.strategy.trainable_parameters(module)}
+        in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        self.in_optimizer = {n for n, p in module.named_parameters() if id(p) in in_optimizer}
+        self.initial = {name: t.detach().to("cpu", copy=True) for _, name, t in self._tensors(module)}
+        self.violations: list[str] = []
+        for name in sorted(self.trainable - self.in_optimizer):
+            self.violations.append(f"{name} is declared trainable but is not in the optimizer")
+        for name in sorted(self.frozen & self.in_optimizer):
+            self.violations.append(f"{name} is frozen but was handed to the optimizer")
+
+    @staticmethod
+    def _tensors(module):
+        yield from (("parameters", n, p) for n, p in module.named_parameters())
+        yield from (("buffers", n, b) for n, b in module.named_buffers())
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        for name, param in module.named_parameters():
+            if name in self.frozen and param.grad is not None and not self._seen(f"grad:{name}"):
+                self.violations.append(f"{name} is frozen but received a gradient")
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        for frozen in module.strategy.eval_modules(module):
+            for name, sub in frozen.named_modules():
+                if sub.training and not self._seen(f"mode:{id(sub)}"):
+                    self.violations.append(f"{type(sub).__name__} {name or '<root>'} of a frozen part is in train "
+                                           f"mode at step {trainer.global_step}")
+
+    def _seen(self, marker: str) -> bool:
+        seen = self.__dict__.setdefault("_markers", set())
+        if marker in seen:
+            return True
+        seen.add(marker)
+        return False
+
+    def on_fit_end(self, trainer, module) -> None:
+        report: dict = {"strategy": module.strategy.name, "parameters": {}, "buffers": {}}
+        for kind, name, tensor in self._tensors(module):
+            before = self.initial[name]
+            after = tensor.detach().cpu()
+            changed = not torch.equal(before, after)
+            delta = (after.double() - before.double()).abs().max().item() if after.numel() and changed else 0.0
+            entry = {"changed": changed, "max_abs_delta": delta, "frozen": name in self.frozen}
+            if kind == "parameters":
+                entry.update(requires_grad=tensor.requires_grad, in_optimizer=name in self.in_optimizer)
+            report[kind][name] = entry
+            if changed and name in self.frozen:
+                self.violations.append(f"{kind[:-1]} {name} is frozen but changed (max |delta| {delta:.3g})")
+        report["violations"] = self.violations
+        report["summary"] = {
+            "frozen": len(self.frozen), "trainable": len(self.trainable), "in_optimizer": len(self.in_optimizer),
+            "changed_parameters": sum(e["changed"] for e in report["parameters"].values()),
+        }
+        self.report = report
+        if self.output_path and trainer.is_global_zero:
+            path = Path(self.output_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=1))
+        if self.violations and self.fail_on_violation:
+            raise FreezeViolationError(f"freeze audit failed for strategy={module.strategy.name}: "
+                                       + "; ".join(self.violations[:5])
+                                       + (f" (+{len(self.violations) - 5} more)" if len(self.violations) > 5 else ""))

@@ -1,0 +1,71 @@
+"""Measures what a run cost: fit wall time, steady training throughput (validation excluded) and peak memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+from lightning import Callback
+
+
+def _sync(module) -> None:
+    if module.device.type == "cuda":
+        torch.cuda.synchronize(module.device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated on a GPU; the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+class RunMeter(Callback):
+    def __init__(self):
+        self.fit_seconds = 0.0
+        self.train_seconds = 0.0
+        self.train_samples = 0
+        self.peak_memory_mb = 0.0
+
+    def on_fit_start(self, trainer, module) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(module.device)
+        _sync(module)
+        self._fit_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        _sync(module)
+        self._epoch_start = time.perf_counter()
+        self._validation_seconds = 0.0
+
+    def on_validation_start(self, trainer, module) -> None:
+        if trainer.sanity_checking or not hasattr(self, "_epoch_start"):
+            return
+        _sync(module)
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, module) -> None:
+        if trainer.sanity_checking or not hasattr(self, "_validation_start"):
+            return
+        _sync(module)
+        self._validation_seconds += time.perf_counter() - self._validation_start
+        del self._validation_start
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        self.train_samples += len(batch[-1])
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        _sync(module)
+        self.train_seconds += time.perf_counter() - self._epoch_start - self._validation_seconds
+
+    def on_fit_end(self, trainer, module) -> None:
+        _sync(module)
+        self.fit_seconds = time.perf_counter() - self._fit_start
+        self.peak_memory_mb = peak_memory_mb(module.device)
+
+    @property
+    def train_samples_per_second(self) -> float:
+        return self.train_samples / self.train_seconds if self.train_seconds else 0.0

@@ -1,0 +1,104 @@
+"""The LightningModule: a pretrained backbone, a head, and the freezing strategy that decides what trains."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from finetune.backbones import Backbone
+from finetune.errors import ConfigError
+from finetune.optim import weight_decay_groups
+from finetune.strategies import FreezingStrategy
+
+
+class FinetuneModule(LightningModule):
+    def __init__(self, backbone: Backbone, head: Callable[..., nn.Module], strategy: FreezingStrategy,
+                 num_classes: int, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 scheduler: Callable[..., Any] | None = None, channels_last: bool = True, compile: bool = False,
+                 run_config: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "head", "strategy", "optimizer", "scheduler", "run_config"])
+        self.backbone = backbone.model
+        self.backbone_name = backbone.name
+        self.backbone_is_conv = backbone.is_conv
+        self.head = head(in_features=backbone.num_features, num_classes=num_classes)
+        self.strategy = strategy
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
+        self.scheduler_factory = scheduler
+        self.run_config = run_config
+        self.criterion = nn.CrossEntropyLoss()
+        self.accuracy = nn.ModuleDict({stage: MulticlassAccuracy(num_classes, average="micro")
+                                       for stage in ("train_", "val_", "test_")})  # "train" is an nn.Module method
+        strategy.prepare(self)
+
+    # -- modes ---------------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> FinetuneModule:
+        """Lightning calls train() every epoch and after every validation loop: frozen parts go back to eval."""
+        super().train(mode)
+        if mode and hasattr(self, "strategy"):
+            self.strategy.restore_eval_modes(self)
+        return self
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.backbone.compile()  # in place: state_dict keys keep their names (no `_orig_mod.`)
+            self._compiled = True
+
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda" and self.hparams.channels_last and self.backbone_is_conv:
+            self.backbone.to(memory_format=torch.channels_last)
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.strategy.extract(self.backbone, inputs))
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        inputs, targets = batch
+        logits = self(inputs)
+        loss = self.criterion(logits, targets)
+        accuracy = self.accuracy[f"{stage}_"]
+        accuracy(logits, targets)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage != "test",
+                 batch_size=len(targets), sync_dist=stage != "train")
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self(batch[0] if isinstance(batch, (tuple, list)) else batch).softmax(dim=-1)
+
+    # -- optimization --------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        named = self.strategy.trainable_parameters(self)
+        if not named:
+            raise ConfigError(f"strategy {self.strategy.name!r} left no trainable parameter")
+        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(weight_decay_groups(named, weight_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["finetune"] = {"strategy": self.strategy.name, "config": self.run_config}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("finetune", {}).get("strategy")
+        if saved is not None and saved != self.strategy.name:
+            raise ConfigError(f"checkpoint was trained with strategy={saved}, this run uses "
+                              f"strategy={self.strategy.name}; resume with strategy={saved}, or start a new run "
+                              f"from its weights instead of resuming")

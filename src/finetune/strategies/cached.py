@@ -1,0 +1,53 @@
+"""cached: backbone features are computed once (eval mode, inference mode, eval transforms), detached, stored on
+disk and reused; only the head trains, on feature tensors batched by index. The backbone is frozen and never runs
+during fit, but stays in the checkpoint so evaluation and prediction work on raw images."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from finetune.errors import ConfigError
+from finetune.strategies.base import FreezingStrategy, names_under
+
+
+class CachedFeatures(FreezingStrategy):
+    name = "cached"
+
+    def __init__(self, cache_dir: str = "feature_cache", feature_dtype: str = "float32",
+                 extract_batch_size: int = 256, batch_size: int | None = None, device_max_bytes: int = 4 * 1024**3):
+        if feature_dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"strategy.feature_dtype={feature_dtype!r}; choose one of: float32, float16, bfloat16")
+        self.cache_dir = cache_dir
+        self.feature_dtype = feature_dtype
+        self.extract_batch_size = int(extract_batch_size)
+        self.batch_size = batch_size  # head batches; None keeps the data's batch_size
+        self.device_max_bytes = int(device_max_bytes)
+
+    def prepare(self, module) -> None:
+        for param in module.backbone.parameters():
+            param.requires_grad_(False)
+        self.restore_eval_modes(module)
+
+    def extract(self, backbone: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.ndim == 2:  # already features from the cache
+            return inputs
+        with torch.no_grad():  # raw images at eval/predict time: the backbone is a fixed extractor
+            return backbone(inputs)
+
+    def eval_modules(self, module) -> list[nn.Module]:
+        return [module.backbone]
+
+    def frozen_names(self, module) -> set[str]:
+        return names_under(module, ["backbone"])
+
+    def wrap_datamodule(self, datamodule, module):
+        from finetune.data.cached import CachedFeatureDataModule
+
+        if getattr(datamodule, "has_random_train_augmentation", False):
+            raise ConfigError(
+                "strategy=cached stores each image's features once, so a random train augmentation would be frozen "
+                "into one sample per image; turn it off (data.augment=none) or use strategy=freeze or no_grad")
+        return CachedFeatureDataModule(datamodule, module, cache_dir=self.cache_dir, feature_dtype=self.feature_dtype,
+                                       extract_batch_size=self.extract_batch_size, batch_size=self.batch_size,
+                                       device_max_bytes=self.device_max_bytes)

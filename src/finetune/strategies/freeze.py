@@ -1,0 +1,63 @@
+"""freeze: backbone parameters get requires_grad=False, all of them or only the submodules in `modules`.
+Frozen parts stay in eval mode (BatchNorm running stats fixed) unless `train_bn`, which keeps their BatchNorm
+training, affine and stats, as fastai does. Frozen parameters never reach the optimizer; gradients still flow through
+frozen layers into trainable earlier ones, so a partial freeze trains the stem below a frozen middle."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from finetune.errors import ConfigError
+from finetune.strategies.base import FreezingStrategy, names_under
+
+
+class FreezeBackbone(FreezingStrategy):
+    name = "freeze"
+
+    def __init__(self, modules: list[str] | None = None, train_bn: bool = False):
+        self.modules = list(modules) if modules else None
+        self.train_bn = bool(train_bn)
+
+    def frozen_roots(self, module) -> dict[str, nn.Module]:
+        """The frozen submodules by their name in the LightningModule ('backbone', 'backbone.blocks.0', ...)."""
+        if self.modules is None:
+            return {"backbone": module.backbone}
+        roots = {}
+        for name in self.modules:
+            try:
+                roots[f"backbone.{name}"] = module.backbone.get_submodule(name)
+            except AttributeError:
+                children = ", ".join(n for n, _ in module.backbone.named_children())
+                raise ConfigError(f"strategy.modules entry {name!r} names no submodule of the backbone; "
+                                  f"top-level choices: {children} (nested names use dots, e.g. blocks.0)") from None
+        return roots
+
+    def _batchnorm_names(self, module) -> list[str]:
+        return [f"{root}.{n}" if n else root for root, sub in self.frozen_roots(module).items()
+                for n, m in sub.named_modules() if isinstance(m, _BatchNorm)]
+
+    def prepare(self, module) -> None:
+        trainable_bn = set(self._batchnorm_names(module)) if self.train_bn else set()
+        for name, root in self.frozen_roots(module).items():
+            for sub_name, sub in root.named_modules():
+                full_name = f"{name}.{sub_name}" if sub_name else name
+                if full_name in trainable_bn:
+                    continue
+                for param in sub.parameters(recurse=False):
+                    param.requires_grad_(False)
+        self.restore_eval_modes(module)
+
+    def eval_modules(self, module) -> list[nn.Module]:
+        roots = list(self.frozen_roots(module).values())
+        if not self.train_bn:
+            return roots
+        # Everything frozen but its BatchNorm layers, which keep training.
+        return [m for root in roots for m in root.modules()
+                if not isinstance(m, _BatchNorm) and not any(isinstance(c, _BatchNorm) for c in m.modules())]
+
+    def frozen_names(self, module) -> set[str]:
+        frozen = names_under(module, list(self.frozen_roots(module)))
+        if self.train_bn:
+            frozen -= names_under(module, self._batchnorm_names(module))
+        return frozen

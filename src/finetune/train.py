@@ -1,0 +1,100 @@
+"""finetune-train: compose the config, build data, backbone, strategy and trainer, fit, test, write results."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.callbacks import FreezeAudit, RunMeter
+from finetune.config import CONFIG_DIR, report_user_errors
+from finetune.module import FinetuneModule
+
+log = logging.getLogger("finetune")
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, FinetuneModule]:
+    """The datamodule and the module a config describes (also used by eval, compare and the tests)."""
+    backbone = instantiate(cfg.backbone)
+    images = instantiate(cfg.data)
+    images.configure_preprocessing(backbone.data_config)
+    strategy = instantiate(cfg.strategy)
+    module = FinetuneModule(backbone=backbone, head=instantiate(cfg.head), strategy=strategy,
+                            num_classes=images.num_classes, optimizer=instantiate(cfg.optimizer),
+                            scheduler=instantiate(cfg.scheduler), channels_last=cfg.get("channels_last", True),
+                            compile=cfg.get("compile", False), run_config=OmegaConf.to_container(cfg, resolve=True))
+    return strategy.wrap_datamodule(images, module), module
+
+
+def instantiate_all(group: DictConfig | None) -> list:
+    return [instantiate(item) for item in (group or {}).values() if item is not None and "_target_" in item]
+
+
+def train(cfg: DictConfig) -> dict:
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build(cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
+                                     logger=instantiate_all(cfg.get("logger")) or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    last_val = trainer.callback_metrics.get("val/acc")
+    tested = trainer.test(module, datamodule=datamodule, ckpt_path=_best_or_current(trainer), verbose=False)
+    metrics = _run_metrics(cfg, trainer, module, datamodule, tested[0] if tested else {}, last_val)
+    if trainer.is_global_zero:
+        output_dir = Path(cfg.paths.output_dir)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        print(f"test accuracy {metrics['test_acc']:.4f} (val {metrics['val_acc'] or float('nan'):.4f}, "
+              f"strategy={metrics['strategy']}, {metrics['fit_seconds']:.1f}s fit)\nrun directory: {output_dir}")
+    return metrics
+
+
+def _best_or_current(trainer: L.Trainer) -> str | None:
+    checkpoint = trainer.checkpoint_callback
+    return "best" if checkpoint is not None and checkpoint.best_model_path else None
+
+
+def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val) -> dict:
+    meter = next((c for c in trainer.callbacks if isinstance(c, RunMeter)), RunMeter())
+    checkpoint = trainer.checkpoint_callback
+    best_val = checkpoint.best_model_score if checkpoint is not None and checkpoint.best_model_score is not None \
+        else last_val
+    metrics = {
+        "strategy": module.strategy.name,
+        "backbone": module.backbone_name,
+        "data": cfg.data._target_.rsplit(".", 1)[-1],
+        "val_acc": float(best_val) if best_val is not None else None,
+        "test_acc": float(tested.get("test/acc", float("nan"))),
+        "fit_seconds": round(meter.fit_seconds, 3),
+        "train_samples_per_second": round(meter.train_samples_per_second, 1),
+        "peak_memory_mb": round(meter.peak_memory_mb, 1),
+        "trainable_params": sum(p.numel() for _, p in module.strategy.trainable_parameters(module)),
+        "total_params": sum(p.numel() for p in module.parameters()),
+        "epochs": trainer.current_epoch,
+        "image_size": getattr(getattr(datamodule, "images", datamodule), "image_size", None),
+        "precision": str(trainer.precision),
+        "device": str(module.device),
+        "best_checkpoint": checkpoint.best_model_path if checkpoint is not None else None,
+    }
+    if hasattr(datamodule, "report"):  # cached: what extraction cost and whether the cache served it
+        metrics.update(extract_seconds=round(datamodule.report["extract_seconds"], 3),
+                       cache_hit=datamodule.report["cache_hit"])
+    audit = next((c for c in trainer.callbacks if isinstance(c, FreezeAudit)), None)
+    if audit is not None and audit.report is not None:
+        metrics["audit_violations"] = len(audit.report["violations"])
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@report_user_errors
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get("val_acc")  # returned for Hydra sweepers that optimise a metric
+
+
+if __name__ == "__main__":
+    main()
