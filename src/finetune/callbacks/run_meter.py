@@ -15,10 +15,27 @@ def _sync(module) -> None:
         torch.cuda.synchronize(module.device)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak: CUDA's counter, or on Linux the process's VmHWM (so each run of a multirun is its own)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:  # not Linux, or not allowed: the peak stays the process's lifetime peak
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA max allocated on a GPU; the process's peak resident set size on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:")) / 2**10
+    except (OSError, StopIteration):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
@@ -31,8 +48,7 @@ class RunMeter(Callback):
         self.peak_memory_mb = 0.0
 
     def on_fit_start(self, trainer, module) -> None:
-        if module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(module.device)
+        reset_peak_memory(module.device)
         _sync(module)
         self._fit_start = time.perf_counter()
 

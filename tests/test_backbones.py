@@ -1,0 +1,91 @@
+"""Backbones: the bundled weights map correctly, widths and preprocessing come from the model, offline is clear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finetune.backbones import efficientnet_lite0, timm as timm_backbones, torchvision as tv_backbones
+from finetune.errors import ConfigError, OfflineError
+
+
+def test_bundled_lite0_weights_map_onto_timm_and_see_a_cat():
+    skimage_data = pytest.importorskip("skimage.data")
+    model = efficientnet_lite0.build_classifier(pretrained=True).eval()
+    image = torch.from_numpy(skimage_data.chelsea()).permute(2, 0, 1).float().div(255)[None]
+    image = F.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
+    mean, std = torch.tensor(efficientnet_lite0.BUNDLED_MEAN), torch.tensor(efficientnet_lite0.BUNDLED_STD)
+    with torch.no_grad():
+        top1 = model((image - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)).argmax().item()
+    assert 281 <= top1 <= 285, f"chelsea classified as ImageNet class {top1}, not a cat"
+
+
+def test_bundled_backbone_metadata_comes_from_the_model():
+    backbone = efficientnet_lite0.build(pretrained=True)
+    assert backbone.num_features == backbone.model.num_features == 1280
+    assert backbone.data_config["mean"] == efficientnet_lite0.BUNDLED_MEAN
+    assert backbone.model(torch.randn(1, 3, 64, 64)).shape == (1, 1280)
+
+
+def test_random_init_differs_from_the_bundled_weights():
+    pretrained = efficientnet_lite0.build(pretrained=True).model.conv_stem.weight
+    random = efficientnet_lite0.build(pretrained=False).model.conv_stem.weight
+    assert not torch.equal(pretrained, random)
+
+
+def test_timm_backbone_width_and_data_config_come_from_timm():
+    backbone = timm_backbones.build("test_resnet", pretrained=False)
+    assert backbone.model(torch.randn(2, 3, 32, 32)).shape == (2, backbone.num_features)
+    assert backbone.data_config["input_size"][0] == 3 and "mean" in backbone.data_config
+
+
+def test_timm_local_checkpoint_loads_strictly(tmp_path):
+    import timm
+
+    source = timm.create_model("test_resnet")
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    backbone = timm_backbones.build("test_resnet", checkpoint_path=str(path))
+    expected = source.state_dict()
+    for name, tensor in backbone.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_timm_hub_weights_offline_fail_with_one_line_naming_the_local_option(monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, pretrained=False, **kwargs):  # what timm raises with no network, without the retries
+        raise LocalEntryNotFoundError("cannot reach the hub")
+
+    monkeypatch.setattr(timm_backbones.timm, "create_model", offline)
+    with pytest.raises(OfflineError, match=r"backbone.checkpoint_path=") as raised:
+        timm_backbones.build("resnet18", pretrained=True)
+    assert "\n" not in str(raised.value)
+
+
+def test_torchvision_backbone_replaces_the_classifier_and_reads_its_width():
+    backbone = tv_backbones.build("resnet18", pretrained=False)
+    assert backbone.num_features == 512
+    assert backbone.model(torch.randn(1, 3, 64, 64)).shape == (1, 512)
+    assert backbone.data_config["input_size"] == (3, 224, 224)
+
+
+def test_torchvision_weights_offline_fail_clearly(monkeypatch, tmp_path):
+    import urllib.error
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    with pytest.raises(OfflineError, match=r"could not download torchvision weights .*checkpoint_path"):
+        tv_backbones.build("resnet18", pretrained=True)
+
+
+def test_unknown_backbone_names_fail_with_the_choices():
+    with pytest.raises(ConfigError, match="is not a timm model"):
+        timm_backbones.build("resnet_nope")
+    with pytest.raises(ConfigError, match="choose one of: .*resnet18"):
+        tv_backbones.build("resnet_nope")
