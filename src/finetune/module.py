@@ -32,8 +32,9 @@ class FinetuneModule(LightningModule):
         self.scheduler_factory = scheduler
         self.run_config = run_config
         self.criterion = nn.CrossEntropyLoss()
-        self.accuracy = nn.ModuleDict({stage: MulticlassAccuracy(num_classes, average="micro")
+        self.accuracy = nn.ModuleDict({stage: MulticlassAccuracy(num_classes, average="micro", validate_args=False)
                                        for stage in ("train_", "val_", "test_")})  # "train" is an nn.Module method
+        # validate_args=False: the checks synchronise with the GPU every step
         strategy.prepare(self)
 
     # -- modes ---------------------------------------------------------------------------------------------------

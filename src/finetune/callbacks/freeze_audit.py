@@ -30,6 +30,9 @@ class FreezeAudit(Callback):
         in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         self.in_optimizer = {n for n, p in module.named_parameters() if id(p) in in_optimizer}
         self.initial = {name: t.detach().to("cpu", copy=True) for _, name, t in self._tensors(module)}
+        # flat lists so the per-step checks cost a few microseconds, not a walk of the module tree
+        self.frozen_params = [(n, p) for n, p in module.named_parameters() if n in self.frozen]
+        self.eval_modules = [(n, m) for root in module.strategy.eval_modules(module) for n, m in root.named_modules()]
         self.violations: list[str] = []
         for name in sorted(self.trainable - self.in_optimizer):
             self.violations.append(f"{name} is declared trainable but is not in the optimizer")
@@ -42,16 +45,15 @@ class FreezeAudit(Callback):
         yield from (("buffers", n, b) for n, b in module.named_buffers())
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-        for name, param in module.named_parameters():
-            if name in self.frozen and param.grad is not None and not self._seen(f"grad:{name}"):
-                self.violations.append(f"{name} is frozen but received a gradient")
+        for name, param in self.frozen_params:
+            if param.grad is not None and not self._seen(f"grad:{name}"):
+                self.violations.append(f"{name} is frozen but received a gradient at step {trainer.global_step}")
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
-        for frozen in module.strategy.eval_modules(module):
-            for name, sub in frozen.named_modules():
-                if sub.training and not self._seen(f"mode:{id(sub)}"):
-                    self.violations.append(f"{type(sub).__name__} {name or '<root>'} of a frozen part is in train "
-                                           f"mode at step {trainer.global_step}")
+        for name, sub in self.eval_modules:
+            if sub.training and not self._seen(f"mode:{id(sub)}"):
+                self.violations.append(f"{type(sub).__name__} {name or '<root>'} of a frozen part is in train "
+                                       f"mode at step {trainer.global_step}")
 
     def _seen(self, marker: str) -> bool:
         seen = self.__dict__.setdefault("_markers", set())
