@@ -1,0 +1,70 @@
+"""finetune-compare: every strategy on one backbone and dataset, same seed and epochs; a table and a figure.
+
+`finetune-compare backbone=timm backbone.name=resnet18 data=image_folder data.root=...` applies the overrides to
+every strategy; `finetune-compare from=logs/train/multiruns/<time>` builds the report from a finished sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import subprocess
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.config import CONFIG_DIR, report_user_errors
+from finetune.errors import ConfigError
+from finetune.report import collect_runs, format_text, write_report
+
+log = logging.getLogger("finetune")
+OWN_KEYS = ("from", "hydra.", "compare.", "strategy=", "task_name")
+
+
+def run_strategies(strategies: list[str], overrides: list[str], output_dir: Path) -> list[str]:
+    """`finetune-train strategy=X <overrides>` per strategy, each in its own process so that its peak memory and
+    timings are its own. Returns the strategies that failed; the others still make the report."""
+    available = sorted(p.stem for p in Path(CONFIG_DIR, "strategy").glob("*.yaml"))
+    unknown = [s for s in strategies if s not in available]
+    if unknown:
+        raise ConfigError(f"compare.strategies has {unknown}; choose from: {', '.join(available)}")
+    failed = []
+    for strategy in strategies:
+        run_dir = output_dir / strategy
+        log.info("compare: training strategy=%s into %s", strategy, run_dir)
+        command = [sys.executable, "-m", "finetune.train", *overrides, f"strategy={strategy}", f"hydra.run.dir={run_dir}"]
+        if subprocess.run(command).returncode != 0:
+            log.error("compare: strategy=%s failed; see %s", strategy, run_dir / "train.log")
+            failed.append(strategy)
+    return failed
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    source = cfg.get("from")
+    if source:
+        if not Path(source).is_dir():
+            raise ConfigError(f"from={source} is not a folder (expected a multirun or compare output folder)")
+        rows = collect_runs(source)
+        if not rows:
+            raise ConfigError(f"from={source} holds no <run>/metrics.json")
+    else:
+        task_overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(OWN_KEYS)]
+        failed = run_strategies(list(cfg.compare.strategies), task_overrides, output_dir)
+        rows = collect_runs(output_dir)
+        if not rows:
+            raise ConfigError(f"every strategy failed ({', '.join(failed)}); see the train.log files under {output_dir}")
+    paths = write_report(rows, output_dir, title=cfg.compare.title)
+    print(format_text(rows))
+    if not source and failed:
+        print(f"failed: {', '.join(failed)} (see their train.log)")
+    print(f"report: {paths['md']}, {paths['csv']}, {paths['png']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The strategy comparison report: a table (CSV, Markdown, terminal) and a figure, from runs' metrics.json files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+COLUMNS = [  # (metrics.json key, column header, format)
+    ("strategy", "strategy", "{}"),
+    ("test_acc", "test acc", "{:.4f}"),
+    ("val_acc", "val acc", "{:.4f}"),
+    ("fit_seconds", "fit s", "{:.1f}"),
+    ("train_samples_per_second", "train samples/s", "{:,.0f}"),
+    ("peak_memory_mb", "peak memory MB", "{:,.0f}"),
+    ("trainable_params", "trainable params", "{:,}"),
+    ("total_params", "total params", "{:,}"),
+    ("extract_seconds", "extract s", "{:.1f}"),
+    ("cache_hit", "cache hit", "{}"),
+]
+STRATEGY_ORDER = ["full", "freeze", "no_grad", "cached"]
+
+
+def collect_runs(folder: str | Path) -> list[dict]:
+    """metrics.json of every run under `folder` (a compare output or a `finetune-train -m` multirun folder)."""
+    rows = []
+    for path in sorted(Path(folder).glob("*/metrics.json")) + sorted(Path(folder).glob("metrics.json")):
+        metrics = json.loads(path.read_text())
+        metrics["run_dir"] = str(path.parent)
+        rows.append(metrics)
+    order = {name: i for i, name in enumerate(STRATEGY_ORDER)}
+    return sorted(rows, key=lambda m: (order.get(m.get("strategy"), len(order)), m.get("run_dir", "")))
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-" if key not in ("extract_seconds", "cache_hit") or row.get("strategy") == "cached" else ""
+    return fmt.format(value)
+
+
+def table_rows(rows: list[dict]) -> list[list[str]]:
+    return [[_cell(row, key, fmt) for key, _, fmt in COLUMNS] for row in rows]
+
+
+def format_markdown(rows: list[dict]) -> str:
+    headers = [header for _, header, _ in COLUMNS]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def format_text(rows: list[dict]) -> str:
+    headers = [header for _, header, _ in COLUMNS]
+    body = table_rows(rows)
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["strategy"] for row in rows]
+    colors = [plt.cm.tab10(i) for i in range(len(rows))]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (row, color) in enumerate(zip(rows, colors)):
+        total = row["fit_seconds"] + (row.get("extract_seconds") or 0.0)
+        left.scatter(total, 100 * row["test_acc"], s=90, color=color, zorder=3, label=row["strategy"])
+        left.annotate(row["strategy"], (total, 100 * row["test_acc"]), textcoords="offset points",
+                      xytext=(7, 7 if i % 2 == 0 else -14), color=color)  # alternate so close points stay legible
+    left.legend(loc="lower right", fontsize=8)
+    left.set_xscale("log")
+    left.set_xlabel("fit time, seconds (log; cached includes feature extraction)")
+    left.set_ylabel("test accuracy, %")
+    left.set_title("accuracy against training time")
+    left.grid(True, which="both", alpha=0.3)
+    right.bar(names, [row["peak_memory_mb"] for row in rows], color=colors)
+    device = rows[0].get("device", "") if rows else ""
+    right.set_ylabel("peak memory, MB " + ("(CUDA max allocated)" if device.startswith("cuda") else "(process RSS)"))
+    right.set_title("peak memory during fit")
+    for i, row in enumerate(rows):
+        right.annotate(f"{row['peak_memory_mb']:,.0f}", (i, row["peak_memory_mb"]), ha="center", va="bottom")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(rows: list[dict], output_dir: str | Path, title: str = "strategy comparison") -> dict[str, Path]:
+    """comparison.csv, comparison.md and comparison.png in `output_dir`; returns their paths."""
+    if not rows:
+        raise ValueError(f"no runs with a metrics.json under {output_dir}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: output_dir / f"comparison.{kind}" for kind in ("csv", "md", "png")}
+    keys = [key for key, _, _ in COLUMNS] + sorted({k for r in rows for k in r} - {k for k, _, _ in COLUMNS})
+    with open(paths["csv"], "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    first = rows[0]
+    header = (f"# {title}\n\nbackbone `{first.get('backbone')}`, data `{first.get('data')}`, "
+              f"{first.get('epochs')} epochs, device `{first.get('device')}`, precision `{first.get('precision')}`\n\n")
+    paths["md"].write_text(header + format_markdown(rows))
+    plot(rows, paths["png"], f"{title}: {first.get('backbone')} on {first.get('data')}")
+    return paths

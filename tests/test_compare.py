@@ -1,0 +1,66 @@
+"""The comparison report, from a fake multirun folder and from a real (tiny) compare run."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from finetune.report import collect_runs, format_text, write_report
+from tests.conftest import TINY
+from tests.test_cli import run_cli
+
+
+def fake_multirun(folder):
+    for i, (strategy, acc, seconds, memory) in enumerate(
+            [("cached", 0.88, 0.7, 900.0), ("full", 0.98, 80.0, 1500.0), ("no_grad", 0.88, 20.0, 1200.0)]):
+        run = folder / str(i)
+        run.mkdir(parents=True)
+        metrics = {"strategy": strategy, "backbone": "efficientnet_lite0", "data": "DigitsDataModule",
+                   "val_acc": acc + 0.01, "test_acc": acc, "fit_seconds": seconds,
+                   "train_samples_per_second": 1257 * 10 / seconds, "peak_memory_mb": memory,
+                   "trainable_params": 12810, "total_params": 3383818, "epochs": 10, "device": "cpu"}
+        if strategy == "cached":
+            metrics.update(extract_seconds=5.2, cache_hit=False)
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "multirun.yaml").write_text("hydra: {}\n")
+
+
+def test_report_from_a_multirun_folder(tmp_path):
+    fake_multirun(tmp_path / "sweep")
+    rows = collect_runs(tmp_path / "sweep")
+    assert [r["strategy"] for r in rows] == ["full", "no_grad", "cached"], "strategies in their natural order"
+    paths = write_report(rows, tmp_path / "report")
+    with open(paths["csv"]) as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["strategy"] for r in table] == ["full", "no_grad", "cached"]
+    assert table[2]["extract_seconds"] == "5.2" and table[2]["cache_hit"] == "False"
+    markdown = paths["md"].read_text()
+    assert "| strategy | test acc | val acc | fit s | train samples/s | peak memory MB |" in markdown
+    assert "| cached | 0.8800 |" in markdown
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 10_000
+    text = format_text(rows)
+    assert text.splitlines()[0].startswith("strategy") and "5.2" in text
+
+
+def test_compare_from_cli_on_an_existing_multirun(tmp_path):
+    fake_multirun(tmp_path / "sweep")
+    result = run_cli("finetune.compare", f"from={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'out'}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cached" in result.stdout and (tmp_path / "out" / "comparison.png").exists()
+
+
+def test_compare_runs_each_strategy_with_the_same_overrides(tmp_path):
+    result = run_cli("finetune.compare", "compare.strategies=[freeze,cached]", *TINY, "trainer.max_epochs=1",
+                     f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = collect_runs(tmp_path / "out")
+    assert [r["strategy"] for r in rows] == ["freeze", "cached"]
+    assert {r["backbone"] for r in rows} == {"test_efficientnet"} and {r["epochs"] for r in rows} == {1}
+    assert rows[0]["test_acc"] == rows[1]["test_acc"], "same seed, same batches, eval-mode features: same result"
+    assert (tmp_path / "out" / "comparison.md").exists()
+
+
+def test_compare_rejects_an_unknown_strategy(tmp_path):
+    result = run_cli("finetune.compare", "compare.strategies=[full,frozen]", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and "choose from: cached, freeze, full, no_grad" in result.stderr
