@@ -64,3 +64,12 @@ def tiny(tmp_path):
 def _cpu_threads():
     torch.set_num_threads(2)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -126,3 +126,10 @@ def test_unknown_module_name_in_partial_freeze_is_one_clear_error(tiny):
     from finetune.errors import ConfigError
     with pytest.raises(ConfigError, match=r"strategy.modules entry 'blocks.9' names no submodule.*conv_stem"):
         build(tiny("strategy=freeze", "strategy.modules=[blocks.9]"))
+
+
+def test_compile_keeps_state_dict_keys_plain(tiny):
+    _, module = build(tiny("strategy=full", "compile=true"))
+    keys = set(module.state_dict())
+    module.setup("fit")
+    assert set(module.state_dict()) == keys and not any("_orig_mod" in k for k in keys)

@@ -1,0 +1,26 @@
+"""The benchmark's plumbing at tiny sizes on the CPU: every runner runs and the summary is complete.
+No timing is asserted: speed targets are read off the benchmark's table, never tested."""
+
+from __future__ import annotations
+
+import json
+
+from finetune.bench import benchmark, format_table
+
+TINY_BENCH = ["--device", "cpu", "--models", "test_efficientnet", "--image-size", "32", "--batch-size", "4",
+              "--cached-batch-size", "16", "--num-classes", "5", "--warmup", "1", "--steps", "2", "--repeats", "2"]
+
+
+def test_benchmark_measures_template_raw_and_naive_for_every_strategy(tmp_path):
+    out = tmp_path / "bench.json"
+    rows = benchmark([*TINY_BENCH, "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert [r["strategy"] for r in rows] == ["full", "freeze", "no_grad", "cached"]
+    for row in rows:
+        assert row["template_samples_per_second"] > 0 and row["raw_samples_per_second"] > 0
+        assert row["template_over_raw"] == round(row["template_samples_per_second"] / row["raw_samples_per_second"], 3)
+        assert (row["naive_samples_per_second"] is None) == (row["strategy"] == "cached")
+    report = json.loads(out.read_text())
+    runners = {(m["strategy"], m["runner"]) for m in report["measurements"]}
+    assert ("full", "naive") in runners and ("cached", "raw") in runners
+    assert sum(m["runner"] == "template" for m in report["measurements"]) == 2 * 4, "alternated, twice each"
+    assert "tpl/raw" in format_table(rows)

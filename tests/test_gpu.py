@@ -1,0 +1,53 @@
+"""On a CUDA GPU: the fast paths are on (bf16-mixed, channels_last, features on the device, compile) and the
+strategies still freeze exactly what they claim. Skipped without CUDA; run by scripts/gpu_check.sh."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from finetune.eval import evaluate
+from finetune.train import train
+from tests.conftest import TINY, compose_config, fit, initial_state, snapshot
+
+pytestmark = pytest.mark.gpu
+ON_GPU = [o.replace("trainer.accelerator=cpu", "trainer.accelerator=gpu") for o in TINY]
+
+
+@pytest.mark.parametrize("strategy", ["full", "freeze", "no_grad", "cached"])
+def test_strategy_on_gpu_uses_the_fast_paths_and_freezes_exactly(tmp_path, strategy):
+    cfg = compose_config(tmp_path, [*ON_GPU, f"strategy={strategy}"])
+    before = initial_state(cfg)
+    trainer, module, datamodule = fit(cfg)
+    after = {n: t.cpu() for n, t in snapshot(module).items()}
+    assert str(trainer.precision) == "bf16-mixed" and module.device.type == "cuda"
+    assert module.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    for name, value in before.items():
+        if name.startswith("backbone.") and strategy != "full":
+            assert torch.equal(value, after[name]), name
+        if name.startswith("head."):
+            assert not torch.equal(value, after[name]), name
+    if strategy == "cached":
+        assert datamodule.splits["train"]["features"].device.type == "cuda"
+    assert json.loads((tmp_path / "param_audit.json").read_text())["violations"] == []
+
+
+def test_compiled_backbone_trains_saves_plain_keys_and_evaluates(tmp_path):
+    cfg = compose_config(tmp_path, [*ON_GPU, "strategy=full", "compile=true", "trainer.max_epochs=1"])
+    L.seed_everything(cfg.seed)
+    metrics = train(cfg)
+    checkpoint = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=False)
+    assert not any("_orig_mod" in key for key in checkpoint["state_dict"])
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    result = evaluate(compose_config(eval_dir, [f"ckpt_path={metrics['best_checkpoint']}",
+                                                "trainer.enable_progress_bar=false"], config_name="eval"))
+    assert abs(result["test_acc"] - metrics["test_acc"]) <= 0.005
+
+
+def test_default_precision_is_bf16_on_gpu(tmp_path):
+    cfg = compose_config(tmp_path, [])
+    assert cfg.trainer.precision == "bf16-mixed"
