@@ -1,0 +1,264 @@
+"""The datamodule contract: loaders yield (uint8 images, int64 labels); the device turns them into model inputs.
+
+Keeping batches uint8 until they reach the device moves a quarter of the bytes of float32 and lets resize and
+normalisation run on the GPU. Samplers are built here (not injected by Lightning) so that in-memory data can be
+batched by index and every rank of a DDP run sees its own shard with the same epoch-seeded order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from finetune.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+class IndexBatchSampler:
+    """Yields whole batches of indices as tensors: one randperm per epoch, sliced, never a Python list per sample.
+
+    Ordering matches torch's DistributedSampler (seed + epoch, padded by wrapping, then every world-th index), so
+    one process and several see the same epoch permutation; Lightning calls set_epoch before each epoch.
+    """
+
+    def __init__(self, length: int, batch_size: int, shuffle: bool, drop_last: bool = False, world: int = 1,
+                 rank: int = 0, seed: int = 0):
+        self.length, self.batch_size, self.shuffle = length, batch_size, shuffle
+        self.world, self.rank, self.seed, self.epoch = world, rank, seed, 0
+        self.per_rank = math.ceil(length / world)
+        self.drop_last = drop_last and self.per_rank > batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> torch.Tensor:
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.length)
+        padding = self.per_rank * self.world - self.length
+        if padding:
+            order = torch.cat([order, order[:padding].repeat(math.ceil(padding / max(len(order), 1)))[:padding]])
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        batches = self.indices().split(self.batch_size)
+        if self.drop_last and len(batches[-1]) < self.batch_size:
+            batches = batches[:-1]
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return self.per_rank // self.batch_size if self.drop_last else math.ceil(self.per_rank / self.batch_size)
+
+
+class IndexBatchDataset(Dataset):
+    """Tensors indexed a whole batch at a time: no per-sample collation."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices).to(self.tensors[0].device, non_blocking=True)
+        return tuple(t[index] for t in self.tensors)
+
+
+def world_and_rank(trainer) -> tuple[int, int]:
+    return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+
+class IndexBatchLoader:
+    """Batches sliced out of in-memory tensors by index: no workers, no per-sample collation, and resumable.
+
+    Lightning saves `state_dict()` in every checkpoint; after a restart mid-epoch the loader skips the batches whose
+    steps were already taken, so a killed and resumed run sees exactly the batches an uninterrupted one would.
+    """
+
+    batch_sampler = None  # read by Lightning's DataLoader introspection; `sampler` already yields whole batches
+
+    def __init__(self, dataset: IndexBatchDataset, sampler: IndexBatchSampler, trainer=None):
+        self.dataset, self.sampler, self.trainer = dataset, sampler, trainer
+        self._resume: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        skip = 0
+        if self._resume is not None and self._resume["epoch"] == self.sampler.epoch:
+            skip = self._resume["batches_done"]
+        self._resume = None
+        for position, index in enumerate(self.sampler):
+            if position >= skip:
+                yield self.dataset[index]
+
+    def state_dict(self) -> dict:
+        # Lightning prefetches a batch ahead, so count the steps it finished rather than the batches handed out.
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+        return {"epoch": self.sampler.epoch, "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state if state["batches_done"] < len(self) else None
+
+
+def world_and_rank(trainer) -> tuple[int, int]:
+    return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+
+def index_batch_loader(dataset: IndexBatchDataset, batch_size: int, shuffle: bool, drop_last: bool = False,
+                       trainer=None, seed: int = 0) -> IndexBatchLoader:
+    world, rank = world_and_rank(trainer)
+    sampler = IndexBatchSampler(len(dataset), batch_size, shuffle, drop_last, world, rank, seed)
+    return IndexBatchLoader(dataset, sampler, trainer if shuffle else None)
+
+
+class ImageDataModule(LightningDataModule):
+    """Base of every image datamodule. Subclasses provide the splits, `num_classes` and `dataset_id`."""
+
+    def __init__(self, batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
+                 image_size: int | None = None, mean: list[float] | None = None, std: list[float] | None = None,
+                 interpolation: str | None = None, crop_pct: float | None = None, augment: str = "none",
+                 seed: int = 0):
+        super().__init__()
+        for field, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                             ("image_size", image_size)):
+            if value is not None and int(value) <= 0:
+                raise ConfigError(f"data.{field}={value} must be a positive integer")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers} must be 0 or more")
+        if interpolation is not None and interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"data.interpolation={interpolation!r}; choose one of: {', '.join(INTERPOLATIONS)}")
+        if augment not in self.augmentations:
+            raise ConfigError(f"data.augment={augment!r}; choose one of: {', '.join(self.augmentations)}")
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.augment = augment
+        self.seed = int(seed)
+        self._overrides = {"image_size": image_size, "mean": mean, "std": std, "interpolation": interpolation,
+                           "crop_pct": crop_pct}
+        self.preprocessing: dict[str, Any] = {}
+        self.configure_preprocessing({})
+
+    augmentations: tuple[str, ...] = ("none",)
+
+    # -- what subclasses provide -------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def dataset_id(self) -> dict:
+        """Identity of the data and its split definition, for the feature cache key."""
+        raise NotImplementedError
+
+    def split_dataset(self, split: str, train_transforms: bool = False) -> Dataset:
+        raise NotImplementedError
+
+    def split_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False,
+                     shard: bool = True) -> DataLoader:
+        """A loader over one split: train transforms only for a shuffled train split."""
+        raise NotImplementedError
+
+    # -- preprocessing -----------------------------------------------------------------------------------------
+    @property
+    def has_random_train_augmentation(self) -> bool:
+        return self.augment != "none"
+
+    def configure_preprocessing(self, data_config: dict) -> None:
+        """Take size, mean/std and interpolation from the backbone's metadata unless the config overrides them."""
+        size = self._overrides["image_size"] or (data_config.get("input_size") or (3, 224, 224))[-1]
+        mean = self._overrides["mean"] or data_config.get("mean") or (0.485, 0.456, 0.406)
+        std = self._overrides["std"] or data_config.get("std") or (0.229, 0.224, 0.225)
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ConfigError(f"data.mean={list(mean)} / data.std={list(std)} need 3 values each, std positive")
+        self.preprocessing = {
+            "image_size": int(size),
+            "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
+            "interpolation": self._overrides["interpolation"] or data_config.get("interpolation") or "bilinear",
+            "crop_pct": float(self._overrides["crop_pct"] or data_config.get("crop_pct") or 1.0),
+        }
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing["image_size"]
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 1|3, h, w] on any device -> normalised float [B, 3, S, S] on the same device."""
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        size = self.image_size
+        if images.shape[-2:] != (size, size):
+            mode = self.preprocessing["interpolation"]
+            smooth = mode != "nearest"
+            images = F.interpolate(images, size=(size, size), mode=mode, antialias=smooth,
+                                   align_corners=False if smooth else None)
+        mean = torch.tensor(self.preprocessing["mean"], device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocessing["std"], device=images.device).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = batch
+        return self.preprocess(images), labels
+
+    # -- loaders -----------------------------------------------------------------------------------------------
+    def sampler(self, length: int, shuffle: bool, shard: bool = True) -> DistributedSampler:
+        """Epoch-seeded order (Lightning calls set_epoch); under DDP, this rank's padded shard."""
+        world, rank = world_and_rank(self.trainer if shard else None)
+        return DistributedSampler(range(length), num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.split_loader("train", self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.split_loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.split_loader("test", self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+
+class TensorImageDataModule(ImageDataModule):
+    """Datasets small enough to hold as uint8 tensors: batches are sliced by index, no workers, no collation."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def load_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{split: (uint8 images [N, C, H, W], int64 labels [N])}."""
+        raise NotImplementedError
+
+    @property
+    def splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if self._splits is None:
+            self._splits = self.load_splits()
+            for split in SPLITS:
+                if len(self._splits[split][0]) == 0:
+                    raise ConfigError(f"{type(self).__name__}: the {split} split is empty")
+        return self._splits
+
+    def split_dataset(self, split: str, train_transforms: bool = False) -> IndexBatchDataset:
+        return IndexBatchDataset(*self.splits[split])
+
+    def split_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False,
+                     shard: bool = True) -> IndexBatchLoader:
+        return index_batch_loader(self.split_dataset(split), batch_size, shuffle, drop_last,
+                                  self.trainer if shard else None, self.seed)
+
+    def steps_per_epoch(self) -> int:
+        return math.floor(len(self.splits["train"][0]) / self.batch_size) or 1

@@ -1,0 +1,137 @@
+"""Class-per-folder images: `root/{train,val[,test]}/<class>/*.jpg`, or one `root/<class>/*` split by fractions.
+
+An unreadable image fails the run naming the file (never a silent skip that trains on less than you think);
+`verify_images: true` finds every bad file before training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+
+from finetune.data.files import FileImageDataModule
+from finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class CorruptImageError(ConfigError):
+    """An image file that PIL cannot decode; the message names it."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(f"cannot read image {path}: {err}") from None
+
+
+class LabelledFiles(Dataset):
+    def __init__(self, samples: list[tuple[str, int]], transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        return self.transform(load_rgb(path)), label
+
+
+def scan_class_folders(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class names, [(path, label)]) of `folder/<class>/<image>`; every class folder must hold an image."""
+    if not folder.is_dir():
+        raise ConfigError(f"data folder {folder} does not exist")
+    found = sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise ConfigError(f"data folder {folder} has no class folders (expected {folder}/<class>/<image>)")
+    if classes is not None and found != classes:
+        raise ConfigError(f"class folders of {folder} ({', '.join(found)}) differ from train's ({', '.join(classes)})")
+    samples = []
+    for label, name in enumerate(found):
+        files = sorted(str(p) for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ConfigError(f"class folder {folder / name} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        samples += [(f, label) for f in files]
+    return found, samples
+
+
+class ImageFolderDataModule(FileImageDataModule):
+    def __init__(self, root: str, val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0,
+                 verify_images: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.root = Path(root).expanduser().resolve()
+        if not self.root.is_dir():
+            raise ConfigError(f"data.root={root} does not exist (expected class folders, or train/ and val/)")
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.verify_images = verify_images
+        self._samples: dict[str, list[tuple[str, int]]] | None = None
+        self._classes: list[str] = []
+
+    @property
+    def samples(self) -> dict[str, list[tuple[str, int]]]:
+        if self._samples is None:
+            self._samples = self._scan()
+            for split, items in self._samples.items():
+                if not items:
+                    raise ConfigError(f"the {split} split of {self.root} is empty")
+            if self.verify_images:
+                self._verify()
+        return self._samples
+
+    def _scan(self) -> dict[str, list[tuple[str, int]]]:
+        if (self.root / "train").is_dir():
+            self._classes, train = scan_class_folders(self.root / "train")
+            _, val = scan_class_folders(self.root / "val", self._classes)
+            test = scan_class_folders(self.root / "test", self._classes)[1] if (self.root / "test").is_dir() else val
+            return {"train": train, "val": val, "test": test}
+        self._classes, every = scan_class_folders(self.root)
+        labels = np.array([label for _, label in every])
+        index = np.arange(len(every))
+        rest, test = train_test_split(index, test_size=self.test_fraction, stratify=labels, random_state=self.split_seed)
+        train, val = train_test_split(rest, test_size=self.val_fraction / (1 - self.test_fraction),
+                                      stratify=labels[rest], random_state=self.split_seed)
+        return {name: [every[i] for i in idx] for name, idx in (("train", train), ("val", val), ("test", test))}
+
+    def _verify(self) -> None:
+        paths = sorted({p for items in self._samples.values() for p, _ in items})
+
+        def bad(path: str) -> str | None:
+            try:
+                load_rgb(path).load()
+            except CorruptImageError as err:
+                return str(err)
+            return None
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            problems = [p for p in pool.map(bad, paths) if p]
+        if problems:
+            raise CorruptImageError(f"{len(problems)} unreadable image(s) under {self.root}; first: {problems[0]}")
+        log.info("verified %d images under %s", len(paths), self.root)
+
+    @property
+    def num_classes(self) -> int:
+        self.samples  # noqa: B018 - scanning fills the class list
+        return len(self._classes)
+
+    @property
+    def dataset_id(self) -> dict:
+        digest = hashlib.sha256()
+        for split in ("train", "val", "test"):
+            for path, label in self.samples[split]:
+                stat = os.stat(path)
+                digest.update(f"{split}|{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        return {"name": "image_folder", "root": str(self.root), "files": digest.hexdigest()[:16]}
+
+    def split_dataset(self, split: str, train_transforms: bool = False) -> LabelledFiles:
+        return LabelledFiles(self.samples[split], self.transforms(train=train_transforms))
