@@ -34,7 +34,10 @@ def test_top_level_configs_compose(tmp_path, name):
 
 
 def run_cli(module: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # the repository root on the path, so configs can select `_target_: tests....` helpers
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, capture_output=True, text=True,
                           env=env, timeout=300)
 

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from finetune.callbacks import FreezeAudit, RunMeter
 from finetune.config import CONFIG_DIR, report_user_errors
+from finetune.errors import ConfigError
 from finetune.module import FinetuneModule
 
 log = logging.getLogger("finetune")
@@ -20,10 +25,14 @@ log = logging.getLogger("finetune")
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, FinetuneModule]:
     """The datamodule and the module a config describes (also used by eval, compare and the tests)."""
+    lr = cfg.optimizer.get("lr") if cfg.get("optimizer") else None
+    if lr is not None and not float(lr) > 0:
+        raise ConfigError(f"optimizer.lr={lr} must be a positive number")
+    strategy = instantiate(cfg.strategy)
     backbone = instantiate(cfg.backbone)
     images = instantiate(cfg.data)
     images.configure_preprocessing(backbone.data_config)
-    strategy = instantiate(cfg.strategy)
+    backbone.check_input_size(images.image_size)
     module = FinetuneModule(backbone=backbone, head=instantiate(cfg.head), strategy=strategy,
                             num_classes=images.num_classes, optimizer=instantiate(cfg.optimizer),
                             scheduler=instantiate(cfg.scheduler), channels_last=cfg.get("channels_last", True),
@@ -38,9 +47,13 @@ def instantiate_all(group: DictConfig | None) -> list:
 def train(cfg: DictConfig) -> dict:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     datamodule, module = build(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
                                      logger=instantiate_all(cfg.get("logger")) or False)
+    if trainer.world_size > 1:
+        relaunch_ddp_ranks_into_this_run()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     last_val = trainer.callback_metrics.get("val/acc")
     tested = trainer.test(module, datamodule=datamodule, ckpt_path=_best_or_current(trainer), verbose=False)
@@ -51,6 +64,18 @@ def train(cfg: DictConfig) -> dict:
         print(f"test accuracy {metrics['test_acc']:.4f} (val {metrics['val_acc'] or float('nan'):.4f}, "
               f"strategy={metrics['strategy']}, {metrics['fit_seconds']:.1f}s fit)\nrun directory: {output_dir}")
     return metrics
+
+
+def relaunch_ddp_ranks_into_this_run() -> None:
+    """Lightning starts DDP ranks by re-running sys.argv with `hydra.run.dir` set to Hydra's *run* dir. In a
+    multirun that command is the whole sweep and that dir is not the job's, so every rank would start its own sweep
+    in a new folder (lightning-hydra-template's duplicate run directories). Point both at this job instead."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hydra_cfg = HydraConfig.get()
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
 
 
 def _best_or_current(trainer: L.Trainer) -> str | None:

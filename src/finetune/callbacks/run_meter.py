@@ -51,6 +51,7 @@ class RunMeter(Callback):
         reset_peak_memory(module.device)
         _sync(module)
         self._fit_start = time.perf_counter()
+        self._epoch_start, self._validation_seconds = None, 0.0
 
     def on_train_epoch_start(self, trainer, module) -> None:
         _sync(module)
@@ -58,7 +59,7 @@ class RunMeter(Callback):
         self._validation_seconds = 0.0
 
     def on_validation_start(self, trainer, module) -> None:
-        if trainer.sanity_checking or not hasattr(self, "_epoch_start"):
+        if trainer.sanity_checking or self._epoch_start is None:
             return
         _sync(module)
         self._validation_start = time.perf_counter()
@@ -70,12 +71,19 @@ class RunMeter(Callback):
         self._validation_seconds += time.perf_counter() - self._validation_start
         del self._validation_start
 
+    def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        if self._epoch_start is None:  # a run resumed mid-epoch gets no on_train_epoch_start for that epoch
+            self._epoch_start, self._validation_seconds = time.perf_counter(), 0.0
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
         self.train_samples += len(batch[-1])
 
     def on_train_epoch_end(self, trainer, module) -> None:
+        if self._epoch_start is None:
+            return
         _sync(module)
         self.train_seconds += time.perf_counter() - self._epoch_start - self._validation_seconds
+        self._epoch_start = None
 
     def on_fit_end(self, trainer, module) -> None:
         _sync(module)

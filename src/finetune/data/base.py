@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from finetune.errors import ConfigError
 
@@ -79,39 +79,25 @@ def world_and_rank(trainer) -> tuple[int, int]:
 class IndexBatchLoader:
     """Batches sliced out of in-memory tensors by index: no workers, no per-sample collation, and resumable.
 
-    Lightning saves `state_dict()` in every checkpoint; after a restart mid-epoch the loader skips the batches whose
-    steps were already taken, so a killed and resumed run sees exactly the batches an uninterrupted one would.
+    After a restart mid-epoch, Lightning restores how many batches of the epoch were already stepped; the loader
+    skips exactly those (the epoch's order is fixed by seed + epoch), so a killed and resumed run sees the same
+    batches as an uninterrupted one.
     """
 
     batch_sampler = None  # read by Lightning's DataLoader introspection; `sampler` already yields whole batches
 
     def __init__(self, dataset: IndexBatchDataset, sampler: IndexBatchSampler, trainer=None):
         self.dataset, self.sampler, self.trainer = dataset, sampler, trainer
-        self._resume: dict | None = None
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self):
-        skip = 0
-        if self._resume is not None and self._resume["epoch"] == self.sampler.epoch:
-            skip = self._resume["batches_done"]
-        self._resume = None
+        # A generator: this body runs at the first next(), after Lightning has set the epoch and its progress.
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
         for position, index in enumerate(self.sampler):
-            if position >= skip:
+            if position >= done:
                 yield self.dataset[index]
-
-    def state_dict(self) -> dict:
-        # Lightning prefetches a batch ahead, so count the steps it finished rather than the batches handed out.
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
-        return {"epoch": self.sampler.epoch, "batches_done": int(done)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._resume = state if state["batches_done"] < len(self) else None
-
-
-def world_and_rank(trainer) -> tuple[int, int]:
-    return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
 
 def index_batch_loader(dataset: IndexBatchDataset, batch_size: int, shuffle: bool, drop_last: bool = False,
@@ -168,6 +154,11 @@ class ImageDataModule(LightningDataModule):
                      shard: bool = True) -> DataLoader:
         """A loader over one split: train transforms only for a shuffled train split."""
         raise NotImplementedError
+
+    def subset_loader(self, split: str, indices: torch.Tensor, batch_size: int):
+        """Eval-transformed samples `indices` of a split, in that order (feature extraction uses it)."""
+        return DataLoader(Subset(self.split_dataset(split), indices.tolist()), batch_size=batch_size,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
     # -- preprocessing -----------------------------------------------------------------------------------------
     @property
@@ -254,6 +245,10 @@ class TensorImageDataModule(ImageDataModule):
 
     def split_dataset(self, split: str, train_transforms: bool = False) -> IndexBatchDataset:
         return IndexBatchDataset(*self.splits[split])
+
+    def subset_loader(self, split: str, indices: torch.Tensor, batch_size: int):
+        dataset = IndexBatchDataset(*(t[indices] for t in self.splits[split]))
+        return index_batch_loader(dataset, batch_size, shuffle=False)
 
     def split_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False,
                      shard: bool = True) -> IndexBatchLoader:

@@ -3,32 +3,51 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
 from lightning import LightningDataModule
 
-from finetune.data.base import SPLITS, ImageDataModule, IndexBatchDataset, IndexBatchLoader, index_batch_loader
+from finetune.data.base import (SPLITS, ImageDataModule, IndexBatchDataset, IndexBatchLoader, index_batch_loader,
+                                world_and_rank)
 from finetune.data.feature_cache import FeatureCache, weights_digest
 
 log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
-def extract_features(backbone: torch.nn.Module, images: ImageDataModule, split: str, batch_size: int,
-                     device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Run the backbone once over a split (eval transforms, no augmentation, eval mode): detached features."""
+def extract_features(backbone: torch.nn.Module, images: ImageDataModule, split: str, indices: torch.Tensor,
+                     batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Run the backbone once over samples `indices` of a split (eval transforms, eval mode, inference mode, bf16
+    autocast on a GPU): features with no graph, stored as `dtype`, in the order of `indices`."""
     backbone.eval()
     features, labels = [], []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for batch_images, batch_labels in images.split_loader(split, batch_size, shuffle=False, shard=False):
+    for batch_images, batch_labels in images.subset_loader(split, indices, batch_size):
         inputs = images.preprocess(batch_images.to(device, non_blocking=True))
         if device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast:
             features.append(backbone(inputs).float().to(dtype))
-        labels.append(torch.as_tensor(batch_labels))
-    return {"features": torch.cat(features).cpu(), "labels": torch.cat(labels).cpu()}
+        labels.append(torch.as_tensor(batch_labels).to(device))
+    return {"features": torch.cat(features), "labels": torch.cat(labels)}
+
+
+def gather_in_order(strategy, share: dict[str, torch.Tensor], indices: torch.Tensor, total: int,
+                    per_rank: int) -> dict[str, torch.Tensor]:
+    """All ranks' shares put back in dataset order; padding rows (repeats) are dropped, as DINO's index_copy_."""
+    pad = per_rank - len(indices)
+    padded_index = torch.cat([indices, torch.full((pad,), -1, dtype=torch.long)]).to(share["labels"].device)
+    gathered_index = strategy.all_gather(padded_index).reshape(-1)
+    keep = gathered_index >= 0
+    result = {}
+    for name, tensor in share.items():
+        padded = torch.cat([tensor, tensor[:1].expand(pad, *tensor.shape[1:])]) if pad else tensor
+        gathered = strategy.all_gather(padded.contiguous()).reshape(-1, *tensor.shape[1:])
+        full = torch.empty((total, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        result[name] = full.index_copy_(0, gathered_index[keep], gathered[keep])
+    return result
 
 
 class CachedFeatureDataModule(LightningDataModule):
@@ -63,22 +82,47 @@ class CachedFeatureDataModule(LightningDataModule):
             identity = self.identity(split, digest)
             key = self.cache.key(identity)
             self.report["cache_keys"][split] = key
-            with self.cache.lock(key):
+            self.splits[split] = self._load_or_extract(split, key, identity, device)
+        self._place(device)
+
+    def _load_or_extract(self, split: str, key: str, identity: dict, device: torch.device) -> dict:
+        world, rank = world_and_rank(self.trainer)
+        if world == 1:
+            with self.cache.lock(key):  # a second process building the same entry waits, then finds it
                 tensors = self.cache.load(key)
                 if tensors is None:
-                    self.report["cache_hit"] = False
-                    start = time.perf_counter()
-                    backbone = self.module.backbone.to(device)
-                    tensors = extract_features(backbone, self.images, split, self.extract_batch_size, device,
-                                               self.dtype)
-                    self.report["extract_seconds"] += time.perf_counter() - start
-                    self.cache.save(key, tensors, identity)
-                    log.info("feature cache miss: extracted %s %s in %.1fs -> %s", split,
-                             tuple(tensors["features"].shape), time.perf_counter() - start, key)
+                    tensors = self._extract(split, key, identity, device, world, rank)
                 else:
                     log.info("feature cache hit: %s %s <- %s", split, tuple(tensors["features"].shape), key)
-            self.splits[split] = tensors
-        self._place(device)
+            return tensors
+        # Several ranks: rank 0 looks, every rank extracts its share on a miss, rank 0 writes, the others wait.
+        strategy = self.trainer.strategy
+        tensors = self.cache.load(key) if rank == 0 else None
+        if strategy.broadcast(tensors is not None, src=0):
+            tensors = tensors if tensors is not None else self.cache.load(key)
+            log.info("feature cache hit: %s <- %s (rank %d)", split, key, rank)
+            return tensors
+        tensors = self._extract(split, key, identity, device, world, rank)
+        strategy.barrier("feature_cache_written")
+        return tensors
+
+    def _extract(self, split: str, key: str, identity: dict, device: torch.device, world: int, rank: int) -> dict:
+        self.report["cache_hit"] = False
+        start = time.perf_counter()
+        total = identity["num_samples"]
+        indices = torch.arange(rank, total, world)  # this rank's share, no padding
+        backbone = self.module.backbone.to(device)
+        tensors = extract_features(backbone, self.images, split, indices, self.extract_batch_size, device,
+                                   self.dtype)
+        if world > 1:
+            tensors = gather_in_order(self.trainer.strategy, tensors, indices, total, math.ceil(total / world))
+        tensors = {name: t.cpu() for name, t in tensors.items()}
+        self.report["extract_seconds"] += time.perf_counter() - start
+        if rank == 0:
+            self.cache.save(key, tensors, identity)
+        log.info("feature cache miss: extracted %s %s in %.1fs -> %s", split, tuple(tensors["features"].shape),
+                 time.perf_counter() - start, key)
+        return tensors
 
     def _place(self, device: torch.device) -> None:
         """Keep features on the accelerator when they fit, so a head epoch never waits on host copies."""

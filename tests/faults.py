@@ -1,0 +1,48 @@
+"""Callbacks the fault tests select from the command line (`+callbacks.x._target_=tests.faults.X`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class KillAtStep(L.Callback):
+    """SIGKILL this process when the given optimizer step is about to run: no cleanup, no final checkpoint."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PoisonWeightsAtStep(L.Callback):
+    """Fill the head's weights with NaN after the given optimizer step, so the next loss is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                module.head[-1].weight.fill_(float("nan"))
+
+
+class WriteWeightDigest(L.Callback):
+    """After fit, every rank writes a digest of its weights to <output_dir>/weights_rank<r>.txt."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def on_fit_end(self, trainer, module):
+        digest = hashlib.sha256()
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        Path(self.output_dir, f"weights_rank{trainer.global_rank}.txt").write_text(digest.hexdigest())
