@@ -75,3 +75,59 @@ def test_damaged_entry_is_detected_and_rebuilt(tiny, caplog):
     assert "damaged" in caplog.text
     assert FeatureCache(first.cache.root).load(key) is not None, "the rebuilt entry is whole"
     torch.testing.assert_close(again.splits["train"]["features"], first.splits["train"]["features"])
+
+
+def build_cache_in_child(cache_dir: str, output_dir: str) -> dict:
+    """Run in a separate process: compose the tiny cached config and fill (or read) the shared cache."""
+    from pathlib import Path
+
+    from tests.conftest import TINY, compose_config
+
+    cfg = compose_config(Path(output_dir), [*TINY, "strategy=cached", f"paths.cache_dir={cache_dir}"])
+    calls: list[int] = []
+    datamodule = prepared(cfg, calls)
+    return {"hit": datamodule.report["cache_hit"], "backbone_calls": len(calls),
+            "train": datamodule.splits["train"]["features"]}
+
+
+def test_two_processes_building_the_same_entry_both_succeed_and_leave_one_valid_entry(tmp_path):
+    import multiprocessing
+
+    cache_dir = tmp_path / "shared-cache"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.starmap(build_cache_in_child, [(str(cache_dir), str(tmp_path / "a")),
+                                                      (str(cache_dir), str(tmp_path / "b"))])
+    assert sorted(r["hit"] for r in results) == [False, True], "one builds under the lock, the other reuses it"
+    torch.testing.assert_close(results[0]["train"], results[1]["train"])
+    cache = FeatureCache(cache_dir)
+    assert len(cache.entries()) == 3 and not list(cache_dir.glob(".*.tmp"))
+    for entry in cache.entries():
+        assert cache.load(entry["key"]) is not None
+
+
+def test_an_unwritable_cache_directory_falls_back_to_memory_and_says_so(tiny, tmp_path, caplog):
+    import os
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    if os.geteuid() == 0:
+        cache_dir = blocker / "cache"  # root ignores permission bits; a path through a file is unwritable for anyone
+    else:
+        cache_dir = tmp_path / "read-only"
+        cache_dir.mkdir(mode=0o555)
+    calls: list[int] = []
+    datamodule = prepared(tiny("strategy=cached", f"paths.cache_dir={cache_dir}"), calls)
+    assert calls and datamodule.splits["train"]["features"].shape[0] == 64
+    assert "features stay in memory for this run" in caplog.text
+
+
+def test_cache_cli_lists_sizes_and_clears(tiny, tmp_path, capsys):
+    from finetune.data.cache_cli import main as cache_main
+
+    first = prepared(tiny("strategy=cached"), [])
+    cache_dir = str(first.cache.root)
+    assert cache_main(["list", "--cache-dir", cache_dir]) == 0
+    listing = capsys.readouterr().out
+    assert "3 entries" in listing and "test_efficientnet" in listing and "train" in listing and "KiB" in listing
+    assert cache_main(["clear", "--cache-dir", cache_dir]) == 0
+    assert "freed" in capsys.readouterr().out and FeatureCache(cache_dir).entries() == []

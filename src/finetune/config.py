@@ -31,6 +31,38 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("auto_precision", auto_precision)
 
 
+def user_error(err: BaseException) -> ConfigError | None:
+    """The ConfigError behind `err` (Hydra's instantiate and Lightning wrap or chain them), if there is one."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def instantiate(node, **kwargs):
+    """hydra.utils.instantiate, re-raising a user's ConfigError as itself rather than wrapped."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def one_line(err: ConfigError) -> str:
+    """The message, also when a DataLoader worker re-raised it inside a traceback ('pkg.Class: message')."""
+    line = str(err).strip().splitlines()[-1]
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    return line[len(prefix):] if line.startswith(prefix) else line
+
+
 def report_user_errors(task):
     """Turn a ConfigError raised anywhere in the job into one line on stderr and exit code 2."""
 
@@ -38,8 +70,11 @@ def report_user_errors(task):
     def wrapper(*args, **kwargs):
         try:
             return task(*args, **kwargs)
-        except ConfigError as err:
-            message = str(err).strip().splitlines()[-1]
+        except Exception as err:
+            cause = user_error(err)
+            if cause is None:
+                raise
+            message = one_line(cause)
             log.error(message)
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import CONFIG_DIR, report_user_errors
+from finetune.config import CONFIG_DIR, instantiate, report_user_errors
 from finetune.errors import ConfigError
 from finetune.module import FinetuneModule
 

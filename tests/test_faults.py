@@ -1,0 +1,161 @@
+"""Bad configuration, bad data, offline downloads and numerical faults: one clear line, nothing lost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from finetune.backbones import timm as timm_backbones
+from finetune.data import ImageFolderDataModule, TorchvisionDataModule
+from finetune.data.image_folder import CorruptImageError
+from finetune.errors import ConfigError, OfflineError
+from finetune.train import build
+from tests.conftest import TINY, compose_config
+from tests.test_cli import run_cli
+
+NO_DATA = [o for o in TINY if not o.startswith("data")]
+
+
+# -- configuration -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("group,bad", [("backbone", "efficientnet_b9"), ("data", "imagenet"), ("head", "mlp3"),
+                                       ("optimizer", "lamb"), ("trainer", "tpu")])
+def test_unknown_group_option_lists_the_valid_choices(tmp_path, group, bad):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match=rf"Could not find '{group}/{bad}'") as raised:
+        compose_config(tmp_path, [f"{group}={bad}"])
+    assert "Available options" in str(raised.value)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.lr=0", r"optimizer.lr=0 must be a positive number"),
+    ("optimizer.lr=-1e-3", r"optimizer.lr=-0.001 must be a positive number"),
+    ("data.batch_size=0", r"data.batch_size=0 must be a positive integer"),
+    ("data.image_size=-8", r"data.image_size=-8 must be a positive integer"),
+    ("data.interpolation=lanczos", r"data.interpolation='lanczos'; choose one of: bilinear, bicubic, nearest"),
+    ("strategy.feature_dtype=int8", r"strategy.feature_dtype='int8'; choose one of: float32, float16, bfloat16"),
+])
+def test_invalid_values_fail_before_any_heavy_work(tiny, override, message):
+    strategy = ["strategy=cached"] if override.startswith("strategy.") else []
+    with pytest.raises(ConfigError, match=message):
+        build(tiny(*strategy, override))
+
+
+def test_an_image_size_the_backbone_cannot_take_names_it_and_the_native_size(tiny):
+    with pytest.raises(ConfigError, match=r"data.image_size=32 does not fit backbone vit_tiny_patch16_224 .*native size is 224"):
+        build(tiny("backbone.name=vit_tiny_patch16_224"))
+
+
+def test_a_backbone_whose_width_does_not_match_its_declaration_is_caught():
+    backbone = timm_backbones.build("test_resnet", pretrained=False)
+    backbone.num_features += 1
+    with pytest.raises(ConfigError, match=r"declares num_features=.*the head is built from num_features"):
+        backbone.check_input_size(32)
+
+
+def test_bad_values_on_the_command_line_are_one_line_with_exit_code_2(tmp_path):
+    result = run_cli("finetune.train", *TINY, "optimizer.lr=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: optimizer.lr=0 must be a positive number"
+    assert "Traceback" not in result.stderr
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+def make_folder(root, classes=("cat", "dog"), per_class=6, split_dirs=("train", "val")):
+    for split in split_dirs:
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (20, 20), (40 * i, 100, 200 if name == "dog" else 0)).save(folder / f"{i}.png")
+    return root
+
+
+def test_missing_data_root_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match=rf"data.root={tmp_path / 'nope'} does not exist"):
+        ImageFolderDataModule(root=str(tmp_path / "nope"))
+
+
+def test_class_folder_without_images_names_the_folder(tmp_path):
+    root = make_folder(tmp_path / "images")
+    for image in (root / "val" / "dog").iterdir():
+        image.unlink()
+    with pytest.raises(ConfigError, match=rf"class folder {root / 'val' / 'dog'} has no images"):
+        ImageFolderDataModule(root=str(root)).num_classes
+
+
+def test_empty_split_names_the_folder(tmp_path):
+    root = make_folder(tmp_path / "images", split_dirs=("train",))
+    (root / "val").mkdir()
+    with pytest.raises(ConfigError, match=rf"data folder {root / 'val'} has no class folders"):
+        ImageFolderDataModule(root=str(root)).num_classes
+
+
+def test_image_folder_serves_uint8_batches_and_refuses_augmentation_with_cached(tmp_path):
+    root = make_folder(tmp_path / "images")
+    datamodule = ImageFolderDataModule(root=str(root), image_size=16, batch_size=4, num_workers=0)
+    images, labels = next(iter(datamodule.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 16, 16) and datamodule.num_classes == 2
+    with pytest.raises(ConfigError, match=r"strategy=cached stores each image's features once.*data.augment=none"):
+        build(compose_config(tmp_path, [*NO_DATA, "strategy=cached", "data=image_folder", f"data.root={root}",
+                                        "data.image_size=16"]))
+
+
+def test_corrupt_image_is_named_by_verify_before_training(tmp_path):
+    root = make_folder(tmp_path / "images")
+    (root / "train" / "cat" / "3.png").write_bytes(b"not a png")
+    datamodule = ImageFolderDataModule(root=str(root), verify_images=True)
+    with pytest.raises(CorruptImageError, match=rf"1 unreadable image\(s\) .*first: cannot read image .*3.png"):
+        datamodule.num_classes
+
+
+def test_corrupt_image_met_in_a_worker_fails_the_run_naming_the_file(tmp_path):
+    root = make_folder(tmp_path / "images")
+    (root / "train" / "dog" / "2.png").write_bytes(b"\x89PNG truncated")
+    result = run_cli("finetune.train", *NO_DATA, "data=image_folder", f"data.root={root}", "data.num_workers=1",
+                     "data.image_size=16", "data.batch_size=4", "data.augment=none", "strategy=freeze",
+                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot read image ") and last.endswith(": cannot identify image file "
+                                                                           f"'{root / 'train' / 'dog' / '2.png'}'")
+
+
+def test_dataset_download_offline_is_one_line_with_the_local_option(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets.utils as tv_utils
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(tv_utils, "_urlretrieve", unreachable)
+    with pytest.raises(OfflineError, match=r"could not download CIFAR10 into .*offline\? .*data=image_folder"):
+        TorchvisionDataModule(name="CIFAR10", root=str(tmp_path)).num_classes
+    with pytest.raises(OfflineError, match=r"CIFAR10 is not under .* download is off"):
+        TorchvisionDataModule(name="CIFAR10", root=str(tmp_path), download=False).num_classes
+
+
+def test_unknown_torchvision_dataset_lists_choices():
+    with pytest.raises(ConfigError, match=r"data.name='CIFAR11' is not a torchvision dataset; choose one of: .*CIFAR10"):
+        TorchvisionDataModule(name="CIFAR11")
+
+
+# -- numerical faults --------------------------------------------------------------------------------------------
+def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("finetune.train", *TINY, "strategy=freeze", "trainer.max_epochs=3",
+                     "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.monitor=null",
+                     "+callbacks.poison._target_=tests.faults.PoisonWeightsAtStep", "+callbacks.poison.step=5",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training loss became nan at step 6 (epoch 1); last good checkpoint: ")
+    assert "optimizer.lr" in last
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 4
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if t.is_floating_point())
+    assert not (run_dir / "metrics.json").exists()
