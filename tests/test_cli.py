@@ -72,3 +72,18 @@ def test_config_mistake_is_one_line_naming_field_and_choices(tmp_path):
     assert result.returncode == 2
     assert "error: strategy.modules entry 'nope' names no submodule" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_multinode_slurm_experiment_composes_with_the_submitit_launcher(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=slurm_multinode", f"paths.output_dir={tmp_path}"],
+                      return_hydra_config=True)
+    assert "submitit" in cfg.hydra.launcher._target_.lower()
+    assert cfg.hydra.launcher.nodes == cfg.trainer.num_nodes == 2
+    assert cfg.hydra.launcher.tasks_per_node == cfg.trainer.devices == 4
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu"
