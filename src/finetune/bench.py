@@ -318,7 +318,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--device cuda: no CUDA device is visible; choose --device cpu")
     defaults = {"models": ["efficientnet_lite0", "resnet50"] if cuda else ["efficientnet_lite0"],
                 "image_size": 224 if cuda else 64, "batch_size": 256 if cuda else 32,
-                "cached_batch_size": 16384 if cuda else 4096, "warmup": 8 if cuda else 3, "steps": 30 if cuda else 10}
+                "cached_batch_size": 16384 if cuda else 4096, "warmup": 8 if cuda else 3, "steps": 30 if cuda else 20}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -107,7 +107,26 @@ def index_batch_loader(dataset: IndexBatchDataset, batch_size: int, shuffle: boo
     return IndexBatchLoader(dataset, sampler, trainer if shuffle else None)
 
 
-class ImageDataModule(LightningDataModule):
+class SplitLoaders(LightningDataModule):
+    """Lightning's loader hooks in terms of `split_loader(split, batch_size, shuffle, drop_last)`."""
+
+    batch_size: int
+    eval_batch_size: int
+
+    def train_dataloader(self):
+        return self.split_loader("train", self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self):
+        return self.split_loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self):
+        return self.split_loader("test", self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self):
+        return self.test_dataloader()
+
+
+class ImageDataModule(SplitLoaders):
     """Base of every image datamodule. Subclasses provide the splits, `num_classes` and `dataset_id`."""
 
     def __init__(self, batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
@@ -210,17 +229,6 @@ class ImageDataModule(LightningDataModule):
         world, rank = world_and_rank(self.trainer if shard else None)
         return DistributedSampler(range(length), num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
 
-    def train_dataloader(self) -> DataLoader:
-        return self.split_loader("train", self.batch_size, shuffle=True, drop_last=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.split_loader("val", self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.split_loader("test", self.eval_batch_size, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
 
 
 class TensorImageDataModule(ImageDataModule):

@@ -7,10 +7,9 @@ import math
 import time
 
 import torch
-from lightning import LightningDataModule
 
-from finetune.data.base import (SPLITS, ImageDataModule, IndexBatchDataset, IndexBatchLoader, index_batch_loader,
-                                world_and_rank)
+from finetune.data.base import (SPLITS, ImageDataModule, IndexBatchDataset, IndexBatchLoader, SplitLoaders,
+                                index_batch_loader, world_and_rank)
 from finetune.data.feature_cache import FeatureCache, weights_digest
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ def gather_in_order(strategy, share: dict[str, torch.Tensor], indices: torch.Ten
     return result
 
 
-class CachedFeatureDataModule(LightningDataModule):
+class CachedFeatureDataModule(SplitLoaders):
     def __init__(self, images: ImageDataModule, module, cache_dir: str, feature_dtype: str = "float32",
                  extract_batch_size: int = 256, batch_size: int | None = None, device_max_bytes: int = 4 * 1024**3):
         super().__init__()
@@ -134,15 +133,6 @@ class CachedFeatureDataModule(LightningDataModule):
         tensors = self.splits[split]
         dataset = IndexBatchDataset(tensors["features"], tensors["labels"])
         return index_batch_loader(dataset, batch_size, shuffle, drop_last, self.trainer, self.images.seed)
-
-    def train_dataloader(self) -> IndexBatchLoader:
-        return self.split_loader("train", self.batch_size, shuffle=True, drop_last=True)
-
-    def val_dataloader(self) -> IndexBatchLoader:
-        return self.split_loader("val", self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> IndexBatchLoader:
-        return self.split_loader("test", self.eval_batch_size, shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         features, labels = batch
