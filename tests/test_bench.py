@@ -17,7 +17,8 @@ def test_benchmark_measures_template_raw_and_naive_for_every_strategy(tmp_path):
     assert [r["strategy"] for r in rows] == ["full", "freeze", "no_grad", "cached"]
     for row in rows:
         assert row["template_samples_per_second"] > 0 and row["raw_samples_per_second"] > 0
-        assert row["template_over_raw"] == round(row["template_samples_per_second"] / row["raw_samples_per_second"], 3)
+        ratio = row["template_samples_per_second"] / row["raw_samples_per_second"]
+        assert abs(row["template_over_raw"] - ratio) < 2e-3, "ratio of the (unrounded) medians"
         assert (row["naive_samples_per_second"] is None) == (row["strategy"] == "cached")
     report = json.loads(out.read_text())
     runners = {(m["strategy"], m["runner"]) for m in report["measurements"]}
