@@ -8,12 +8,16 @@ from typing import Any
 import torch
 from lightning import LightningModule
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import Backbone
 from finetune.errors import ConfigError
 from finetune.optim import weight_decay_groups
 from finetune.strategies import FreezingStrategy
+
+
+STAGES = ("train", "val", "test")
 
 
 class FinetuneModule(LightningModule):
@@ -32,9 +36,12 @@ class FinetuneModule(LightningModule):
         self.scheduler_factory = scheduler
         self.run_config = run_config
         self.criterion = nn.CrossEntropyLoss()
-        self.accuracy = nn.ModuleDict({stage: MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-                                       for stage in ("train_", "val_", "test_")})  # "train" is an nn.Module method
-        # validate_args=False: the checks synchronise with the GPU every step
+        # Per-stage metrics accumulate on the device every step and are logged once an epoch: Lightning's self.log
+        # costs milliseconds of Python per call, which a frozen backbone's step cannot hide. validate_args=False: the
+        # argument checks synchronise with the GPU. Keys get a "_" because "train" is an nn.Module method.
+        self.accuracy = nn.ModuleDict({f"{stage}_": MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+                                       for stage in STAGES})
+        self.mean_loss = nn.ModuleDict({f"{stage}_": MeanMetric() for stage in STAGES})
         strategy.prepare(self)
 
     # -- modes ---------------------------------------------------------------------------------------------------
@@ -62,15 +69,34 @@ class FinetuneModule(LightningModule):
         inputs, targets = batch
         logits = self(inputs)
         loss = self.criterion(logits, targets)
-        accuracy = self.accuracy[f"{stage}_"]
-        accuracy(logits, targets)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage != "test",
-                 batch_size=len(targets), sync_dist=stage != "train")
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        self.accuracy[f"{stage}_"].update(logits.detach(), targets)
+        self.mean_loss[f"{stage}_"].update(loss.detach(), weight=len(targets))
         return loss
 
+    def _log_epoch(self, stage: str) -> None:
+        """Epoch metrics, synchronised across DDP ranks by torchmetrics' compute()."""
+        accuracy, mean_loss = self.accuracy[f"{stage}_"], self.mean_loss[f"{stage}_"]
+        if not accuracy.update_called:
+            return
+        self.log_dict({f"{stage}/acc": accuracy.compute(), f"{stage}/loss": mean_loss.compute()},
+                      prog_bar=stage != "test")
+        accuracy.reset()
+        mean_loss.reset()
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if self.global_step % self.trainer.log_every_n_steps == 0:  # Lightning writes step logs this often anyway
+            self.log("train/loss_step", loss.detach(), prog_bar=True, batch_size=len(batch[-1]))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")
