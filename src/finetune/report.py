@@ -64,6 +64,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = [row["strategy"] for row in rows]
     colors = [plt.cm.tab10(i) for i in range(len(rows))]
@@ -75,6 +76,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                       xytext=(7, 7 if i % 2 == 0 else -14), color=color)  # alternate so close points stay legible
     left.legend(loc="lower right", fontsize=8)
     left.set_xscale("log")
+    left.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    left.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    left.margins(x=0.15, y=0.2)
     left.set_xlabel("fit time, seconds (log; cached includes feature extraction)")
     left.set_ylabel("test accuracy, %")
     left.set_title("accuracy against training time")
