@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -108,7 +107,7 @@ def test_corrupt_image_is_named_by_verify_before_training(tmp_path):
     root = make_folder(tmp_path / "images")
     (root / "train" / "cat" / "3.png").write_bytes(b"not a png")
     datamodule = ImageFolderDataModule(root=str(root), verify_images=True)
-    with pytest.raises(CorruptImageError, match=rf"1 unreadable image\(s\) .*first: cannot read image .*3.png"):
+    with pytest.raises(CorruptImageError, match=r"1 unreadable image\(s\) .*first: cannot read image .*3.png"):
         datamodule.num_classes
 
 

@@ -123,7 +123,6 @@ def test_strategies_that_train_only_the_head_agree_and_full_differs(tiny):
 
 
 def test_unknown_module_name_in_partial_freeze_is_one_clear_error(tiny):
-    from finetune.errors import ConfigError
     with pytest.raises(ConfigError, match=r"strategy.modules entry 'blocks.9' names no submodule.*conv_stem"):
         build(tiny("strategy=freeze", "strategy.modules=[blocks.9]"))
 

@@ -14,7 +14,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from finetune.config import CONFIG_DIR, report_user_errors
 from finetune.errors import ConfigError

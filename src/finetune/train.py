@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.callbacks import FreezeAudit, RunMeter
 from finetune.config import CONFIG_DIR, instantiate, report_user_errors
+from finetune.distributed import ddp_ranks_join_this_job
 from finetune.errors import ConfigError
 from finetune.module import FinetuneModule
 
 log = logging.getLogger("finetune")
-# What Lightning's DDP launcher sets in the launching process (LOCAL_RANK would make the next job think that
-# something else already started its ranks).
-DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, FinetuneModule]:
@@ -55,37 +49,17 @@ def train(cfg: DictConfig) -> dict:
     datamodule, module = build(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
                                      logger=instantiate_all(cfg.get("logger")) or False)
-    multirun_ddp = trainer.world_size > 1 and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    if multirun_ddp:
-        relaunch_ddp_ranks_into_this_run()
-        launcher_env = {name: os.environ.get(name) for name in DDP_LAUNCH_ENV}
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    last_val = trainer.callback_metrics.get("val/acc")
-    tested = trainer.test(module, datamodule=datamodule, ckpt_path=_best_or_current(trainer), verbose=False)
+    with ddp_ranks_join_this_job(trainer):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        last_val = trainer.callback_metrics.get("val/acc")
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=_best_or_current(trainer), verbose=False)
     metrics = _run_metrics(cfg, trainer, module, datamodule, tested[0] if tested else {}, last_val)
-    if multirun_ddp:  # the next job of the sweep launches its own ranks, process group and port
-        torch.distributed.destroy_process_group()
-        for name, value in launcher_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         print(f"test accuracy {metrics['test_acc']:.4f} (val {metrics['val_acc'] or float('nan'):.4f}, "
               f"strategy={metrics['strategy']}, {metrics['fit_seconds']:.1f}s fit)\nrun directory: {output_dir}")
     return metrics
-
-
-def relaunch_ddp_ranks_into_this_run() -> None:
-    """Lightning starts DDP ranks by re-running sys.argv with `hydra.run.dir` set to Hydra's *run* dir. In a
-    multirun that command is the whole sweep and that dir is not the job's, so every rank would start its own sweep
-    in a new folder (lightning-hydra-template's duplicate run directories). Point both at this job instead."""
-    hydra_cfg = HydraConfig.get()
-    with read_write(hydra_cfg), open_dict(hydra_cfg):
-        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
-    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
 
 
 def _best_or_current(trainer: L.Trainer) -> str | None:

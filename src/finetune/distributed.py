@@ -1,0 +1,45 @@
+"""Lightning DDP inside a Hydra multirun: each job's ranks run that job, in that job's folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import open_dict, read_write
+
+# What Lightning's DDP launcher sets in the launching process; a LOCAL_RANK left behind would make the next job
+# believe something else already started its ranks, and wait for them forever.
+DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def ddp_ranks_join_this_job(trainer):
+    """Lightning starts DDP ranks by re-running sys.argv with `hydra.run.dir` set to Hydra's *run* dir. In a
+    multirun that command is the whole sweep and that dir is not the job's, so every rank would start its own sweep
+    in a new folder (lightning-hydra-template's duplicate run directories). Within this block the ranks get the
+    job's own overrides and folder; afterwards the process group and the launcher's environment are undone so the
+    sweep's next job launches its own."""
+    in_multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if trainer.world_size == 1 or not in_multirun:
+        yield
+        return
+    hydra_cfg = HydraConfig.get()
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    argv, sys.argv = sys.argv, [sys.argv[0], *hydra_cfg.overrides.task]
+    saved_env = {name: os.environ.get(name) for name in DDP_LAUNCH_ENV}
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
