@@ -19,21 +19,27 @@ def final_weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
 
 
-@pytest.mark.parametrize("strategy", ["full", "cached"])
-def test_killed_mid_epoch_and_resumed_matches_an_uninterrupted_run(tmp_path, strategy):
+CASES = {"full": ["strategy=full"], "cached": ["strategy=cached"],
+         # a partial freeze: the frozen stem and its BN modes must come back with the resumed run
+         "partial_freeze": ["strategy=freeze", "strategy.modules=[conv_stem,bn1,blocks.0]"]}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_killed_mid_epoch_and_resumed_matches_an_uninterrupted_run(tmp_path, case):
+    overrides = CASES[case]
     cache = f"paths.cache_dir={tmp_path / 'cache'}"
-    straight = run_cli("finetune.train", *RUN, f"strategy={strategy}", cache, f"hydra.run.dir={tmp_path / 'straight'}",
+    straight = run_cli("finetune.train", *RUN, *overrides, cache, f"hydra.run.dir={tmp_path / 'straight'}",
                        cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     killed_dir = tmp_path / "killed"
-    killed = run_cli("finetune.train", *RUN, f"strategy={strategy}", cache, f"hydra.run.dir={killed_dir}",
+    killed = run_cli("finetune.train", *RUN, *overrides, cache, f"hydra.run.dir={killed_dir}",
                      "+callbacks.kill._target_=tests.faults.KillAtStep", "+callbacks.kill.step=7", cwd=tmp_path)
     assert killed.returncode == -9, "the run must die by SIGKILL"
     checkpoint = torch.load(killed_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 6 and checkpoint["epoch"] == 1, "the last checkpoint is mid-epoch 2"
 
-    resumed = run_cli("finetune.train", *RUN, f"strategy={strategy}", cache, f"hydra.run.dir={killed_dir}",
+    resumed = run_cli("finetune.train", *RUN, *overrides, cache, f"hydra.run.dir={killed_dir}",
                       f"ckpt_path={killed_dir / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, actual = final_weights(tmp_path / "straight"), final_weights(killed_dir)
