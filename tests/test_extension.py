@@ -51,3 +51,17 @@ from tests.extension.bitfit import BitFit  # noqa: E402
 class LeakyBitFit(BitFit):
     def eval_modules(self, module):
         return []  # forgets to keep BatchNorm in eval mode, so running stats update
+
+
+def test_a_user_backbone_checkpoint_evaluates_through_finetune_eval(tmp_path):
+    from finetune.eval import evaluate
+    from finetune.train import train
+
+    cfg = compose_config(tmp_path, [*EXTENSION, "strategy=bitfit"])
+    metrics = train(cfg)
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    result = evaluate(compose_config(eval_dir, [f"ckpt_path={metrics['best_checkpoint']}", "trainer.accelerator=cpu",
+                                                "trainer.enable_progress_bar=false", EXTENSION[0]],
+                                     config_name="eval"))
+    assert abs(result["test_acc"] - metrics["test_acc"]) <= 0.005

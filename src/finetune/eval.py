@@ -31,7 +31,9 @@ def load_for_eval(ckpt_path: str, batch_size: int | None = None):
     if saved is None:
         raise ConfigError(f"{ckpt_path} was not written by finetune-train (it holds no run config)")
     cfg = OmegaConf.create(saved)
-    backbone = instantiate(cfg.backbone, pretrained=False, **({"checkpoint_path": None} if "checkpoint_path" in cfg.backbone else {}))
+    # the checkpoint holds the weights: build the architecture without downloading or reading any
+    no_weights = {key: value for key, value in (("pretrained", False), ("checkpoint_path", None)) if key in cfg.backbone}
+    backbone = instantiate(cfg.backbone, **no_weights)
     images = instantiate(cfg.data, **({"eval_batch_size": batch_size} if batch_size else {}))
     images.configure_preprocessing(backbone.data_config)
     module = FinetuneModule(backbone=backbone, head=instantiate(cfg.head), strategy=instantiate(cfg.strategy),
