@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import efficientnet_lite0
@@ -175,6 +176,7 @@ def fit_raw(args, model_name, strategy, batches, features, device) -> Measuremen
     optimizer = torch.optim.AdamW(weight_decay_groups(trainable, WEIGHT_DECAY), lr=LR, weight_decay=WEIGHT_DECAY)
     scheduler = warmup_cosine(optimizer, args.warmup + args.steps, warmup_fraction=0.05)
     accuracy = MulticlassAccuracy(args.num_classes, average="micro", validate_args=False).to(device)
+    mean_loss = MeanMetric(nan_strategy="disable").to(device)
     criterion = nn.CrossEntropyLoss()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     preprocess = FixedBatches(batches, args.image_size, args.num_classes).preprocess
@@ -183,7 +185,7 @@ def fit_raw(args, model_name, strategy, batches, features, device) -> Measuremen
         if strategy == "cached":
             feats, labels = features[0].to(device), features[1].to(device)
             while True:
-                for index in torch.randperm(len(labels), device=device).split(args.cached_batch_size):
+                for index in torch.randperm(len(labels)).to(device).split(args.cached_batch_size):
                     if len(index) == args.cached_batch_size:
                         yield feats[index], labels[index]
         while True:
@@ -203,7 +205,8 @@ def fit_raw(args, model_name, strategy, batches, features, device) -> Measuremen
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        accuracy.update(logits, y)
+        accuracy.update(logits.detach(), y)
+        mean_loss.update(loss.detach())
 
     reset_peak_memory(device)
     stream = inputs()

@@ -41,7 +41,8 @@ class FinetuneModule(LightningModule):
         # argument checks synchronise with the GPU. Keys get a "_" because "train" is an nn.Module method.
         self.accuracy = nn.ModuleDict({f"{stage}_": MulticlassAccuracy(num_classes, average="micro", validate_args=False)
                                        for stage in STAGES})
-        self.mean_loss = nn.ModuleDict({f"{stage}_": MeanMetric() for stage in STAGES})
+        # nan_strategy="disable": the default NaN check reads the value back every step (NonFiniteLossGuard watches)
+        self.mean_loss = nn.ModuleDict({f"{stage}_": MeanMetric(nan_strategy="disable") for stage in STAGES})
         strategy.prepare(self)
 
     # -- modes ---------------------------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ class FinetuneModule(LightningModule):
         logits = self(inputs)
         loss = self.criterion(logits, targets)
         self.accuracy[f"{stage}_"].update(logits.detach(), targets)
-        self.mean_loss[f"{stage}_"].update(loss.detach(), weight=len(targets))
+        self.mean_loss[f"{stage}_"].update(loss.detach())  # mean of batch means (weights would be ignored here)
         return loss
 
     def _log_epoch(self, stage: str) -> None:

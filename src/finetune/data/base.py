@@ -48,11 +48,15 @@ class IndexBatchSampler:
             order = torch.cat([order, order[:padding].repeat(math.ceil(padding / max(len(order), 1)))[:padding]])
         return order[self.rank::self.world]
 
-    def __iter__(self):
-        batches = self.indices().split(self.batch_size)
+    def batches(self, device: torch.device | None = None) -> list[torch.Tensor]:
+        """This epoch's batches of indices, copied to `device` in one transfer (not one per batch)."""
+        batches = self.indices().to(device or "cpu").split(self.batch_size)
         if self.drop_last and len(batches[-1]) < self.batch_size:
             batches = batches[:-1]
-        return iter(batches)
+        return list(batches)
+
+    def __iter__(self):
+        return iter(self.batches())
 
     def __len__(self) -> int:
         return self.per_rank // self.batch_size if self.drop_last else math.ceil(self.per_rank / self.batch_size)
@@ -63,12 +67,13 @@ class IndexBatchDataset(Dataset):
 
     def __init__(self, *tensors: torch.Tensor):
         self.tensors = tensors
+        self.device = tensors[0].device
 
     def __len__(self) -> int:
         return len(self.tensors[0])
 
     def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        index = torch.as_tensor(indices).to(self.tensors[0].device, non_blocking=True)
+        index = torch.as_tensor(indices).to(self.device)
         return tuple(t[index] for t in self.tensors)
 
 
@@ -95,7 +100,8 @@ class IndexBatchLoader:
     def __iter__(self):
         # A generator: this body runs at the first next(), after Lightning has set the epoch and its progress.
         done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
-        for position, index in enumerate(self.sampler):
+        # indices go to the data's device once an epoch: a host-to-device copy per batch would stall the GPU
+        for position, index in enumerate(self.sampler.batches(self.dataset.device)):
             if position >= done:
                 yield self.dataset[index]
 
@@ -215,9 +221,17 @@ class ImageDataModule(SplitLoaders):
             smooth = mode != "nearest"
             images = F.interpolate(images, size=(size, size), mode=mode, antialias=smooth,
                                    align_corners=False if smooth else None)
-        mean = torch.tensor(self.preprocessing["mean"], device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.preprocessing["std"], device=images.device).view(1, 3, 1, 1)
+        mean, std = self._normalisation(images.device)
         return (images - mean) / std
+
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean/std as [1, 3, 1, 1] tensors on `device`, copied there once (a copy per batch would sync the GPU)."""
+        key = (str(device), tuple(self.preprocessing["mean"]), tuple(self.preprocessing["std"]))
+        if getattr(self, "_normalisation_key", None) != key:
+            self._normalisation_tensors = tuple(torch.tensor(self.preprocessing[name]).view(1, 3, 1, 1).to(device)
+                                                for name in ("mean", "std"))
+            self._normalisation_key = key
+        return self._normalisation_tensors
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch
