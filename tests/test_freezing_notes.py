@@ -83,7 +83,7 @@ def test_in18_19_cached_features_are_detached_and_training_on_them_leaves_the_ba
     assert all(p.grad is None for p in module.backbone.parameters()), "the stored graph-free copy cuts backprop"
     assert module.head[-1].weight.grad is not None
     # the cache holds the same values a live backbone gives (its graph is simply not kept)
-    images, _ = next(iter(datamodule.images.split_loader("train", 8, shuffle=False, shard=False)))
+    images, _ = next(iter(datamodule.images.subset_loader("train", torch.arange(8), 8)))
     with torch.no_grad():
         live = module.backbone.eval()(datamodule.images.preprocess(images))
     ordered = datamodule.splits["train"]["features"][:8]

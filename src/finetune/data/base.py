@@ -175,9 +175,8 @@ class ImageDataModule(SplitLoaders):
     def split_dataset(self, split: str, train_transforms: bool = False) -> Dataset:
         raise NotImplementedError
 
-    def split_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False,
-                     shard: bool = True) -> DataLoader:
-        """A loader over one split: train transforms only for a shuffled train split."""
+    def split_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        """A loader over one split (this rank's shard under DDP): train transforms only for a shuffled train split."""
         raise NotImplementedError
 
     def subset_loader(self, split: str, indices: torch.Tensor, batch_size: int):
@@ -238,9 +237,9 @@ class ImageDataModule(SplitLoaders):
         return self.preprocess(images), labels
 
     # -- loaders -----------------------------------------------------------------------------------------------
-    def sampler(self, length: int, shuffle: bool, shard: bool = True) -> DistributedSampler:
+    def sampler(self, length: int, shuffle: bool) -> DistributedSampler:
         """Epoch-seeded order (Lightning calls set_epoch); under DDP, this rank's padded shard."""
-        world, rank = world_and_rank(self.trainer if shard else None)
+        world, rank = world_and_rank(self.trainer)
         return DistributedSampler(range(length), num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
 
 
@@ -272,10 +271,8 @@ class TensorImageDataModule(ImageDataModule):
         dataset = IndexBatchDataset(*(t[indices] for t in self.splits[split]))
         return index_batch_loader(dataset, batch_size, shuffle=False)
 
-    def split_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False,
-                     shard: bool = True) -> IndexBatchLoader:
-        return index_batch_loader(self.split_dataset(split), batch_size, shuffle, drop_last,
-                                  self.trainer if shard else None, self.seed)
+    def split_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> IndexBatchLoader:
+        return index_batch_loader(self.split_dataset(split), batch_size, shuffle, drop_last, self.trainer, self.seed)
 
     def steps_per_epoch(self) -> int:
         return math.floor(len(self.splits["train"][0]) / self.batch_size) or 1

@@ -33,10 +33,9 @@ class FileImageDataModule(ImageDataModule):
                 geometry.append(v2.RandomHorizontalFlip())
         return v2.Compose(to_uint8 + geometry + [v2.ToDtype(torch.uint8)])
 
-    def split_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False,
-                     shard: bool = True) -> DataLoader:
+    def split_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         dataset: Dataset = self.split_dataset(split, train_transforms=shuffle and split == "train")
         workers = self.num_workers
-        return DataLoader(dataset, batch_size=batch_size, sampler=self.sampler(len(dataset), shuffle, shard),
+        return DataLoader(dataset, batch_size=batch_size, sampler=self.sampler(len(dataset), shuffle),
                           drop_last=drop_last and len(dataset) > batch_size, num_workers=workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0 and shuffle)
