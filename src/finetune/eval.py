@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import CONFIG_DIR, instantiate, report_user_errors
 from finetune.errors import ConfigError
-from finetune.module import FinetuneModule
+from finetune.train import build_images_and_module
 
 log = logging.getLogger("finetune")
 
@@ -33,11 +33,9 @@ def load_for_eval(ckpt_path: str, batch_size: int | None = None):
     cfg = OmegaConf.create(saved)
     # the checkpoint holds the weights: build the architecture without downloading or reading any
     no_weights = {key: value for key, value in (("pretrained", False), ("checkpoint_path", None)) if key in cfg.backbone}
-    backbone = instantiate(cfg.backbone, **no_weights)
-    images = instantiate(cfg.data, **({"eval_batch_size": batch_size} if batch_size else {}))
-    images.configure_preprocessing(backbone.data_config)
-    module = FinetuneModule(backbone=backbone, head=instantiate(cfg.head), strategy=instantiate(cfg.strategy),
-                            num_classes=images.num_classes, run_config=saved)
+    # raw images, never the training-time feature cache: eval runs the backbone even for `cached`
+    images, module = build_images_and_module(cfg, backbone_overrides=no_weights,
+                                             data_overrides={"eval_batch_size": batch_size} if batch_size else None)
     module.load_state_dict(checkpoint["state_dict"], strict=True)
     return module, images
 

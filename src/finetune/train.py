@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.callbacks import FreezeAudit, RunMeter
 from finetune.config import CONFIG_DIR, instantiate, report_user_errors
+from finetune.data import ImageDataModule
 from finetune.distributed import ddp_ranks_join_this_job
 from finetune.errors import ConfigError
 from finetune.module import FinetuneModule
@@ -20,21 +21,28 @@ from finetune.module import FinetuneModule
 log = logging.getLogger("finetune")
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, FinetuneModule]:
-    """The datamodule and the module a config describes (also used by eval, compare and the tests)."""
+def build_images_and_module(cfg: DictConfig, backbone_overrides: dict | None = None,
+                            data_overrides: dict | None = None) -> tuple[ImageDataModule, FinetuneModule]:
+    """The image datamodule and the module a config describes, checked before any heavy work."""
     lr = cfg.optimizer.get("lr") if cfg.get("optimizer") else None
     if lr is not None and not float(lr) > 0:
         raise ConfigError(f"optimizer.lr={lr} must be a positive number")
     strategy = instantiate(cfg.strategy)
-    backbone = instantiate(cfg.backbone)
-    images = instantiate(cfg.data)
+    backbone = instantiate(cfg.backbone, **(backbone_overrides or {}))
+    images = instantiate(cfg.data, **(data_overrides or {}))
     images.configure_preprocessing(backbone.data_config)
     backbone.check_input_size(images.image_size)
     module = FinetuneModule(backbone=backbone, head=instantiate(cfg.head), strategy=strategy,
                             num_classes=images.num_classes, optimizer=instantiate(cfg.optimizer),
                             scheduler=instantiate(cfg.scheduler), channels_last=cfg.get("channels_last", True),
                             compile=cfg.get("compile", False), run_config=OmegaConf.to_container(cfg, resolve=True))
-    return strategy.wrap_datamodule(images, module), module
+    return images, module
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, FinetuneModule]:
+    """What training fits: the strategy decides where inputs come from (`cached` serves stored features)."""
+    images, module = build_images_and_module(cfg)
+    return module.strategy.wrap_datamodule(images, module), module
 
 
 def instantiate_all(group: DictConfig | None) -> list:
