@@ -34,6 +34,7 @@ class FreezeAudit(Callback):
         self.frozen_params = [(n, p) for n, p in module.named_parameters() if n in self.frozen]
         self.eval_modules = [(n, m) for root in module.strategy.eval_modules(module) for n, m in root.named_modules()]
         self.violations: list[str] = []
+        self._reported: set[str] = set()  # per-step problems are reported once, not every step
         for name in sorted(self.trainable - self.in_optimizer):
             self.violations.append(f"{name} is declared trainable but is not in the optimizer")
         for name in sorted(self.frozen & self.in_optimizer):
@@ -56,10 +57,9 @@ class FreezeAudit(Callback):
                                        f"mode at step {trainer.global_step}")
 
     def _seen(self, marker: str) -> bool:
-        seen = self.__dict__.setdefault("_markers", set())
-        if marker in seen:
+        if marker in self._reported:
             return True
-        seen.add(marker)
+        self._reported.add(marker)
         return False
 
     def on_fit_end(self, trainer, module) -> None:
