@@ -7,10 +7,9 @@ every strategy; `finetune-compare from=logs/train/multiruns/<time>` builds the r
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 import subprocess
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,19 +17,22 @@ from omegaconf import DictConfig
 
 from finetune.config import CONFIG_DIR, report_user_errors
 from finetune.errors import ConfigError
-from finetune.report import collect_runs, format_text, write_report
+from finetune.report import collect_runs, format_text, succeeded, write_report
 
 log = logging.getLogger("finetune")
 OWN_KEYS = ("from", "hydra.", "compare.", "strategy=", "task_name")
 
 
+def available_strategies() -> list[str]:
+    """Every strategy config Hydra can see: the package's and those on the user's hydra.searchpath."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    return sorted(GlobalHydra.instance().config_loader().get_group_options("strategy"))
+
+
 def run_strategies(strategies: list[str], overrides: list[str], output_dir: Path) -> list[str]:
     """`finetune-train strategy=X <overrides>` per strategy, each in its own process so that its peak memory and
     timings are its own. Returns the strategies that failed; the others still make the report."""
-    available = sorted(p.stem for p in Path(CONFIG_DIR, "strategy").glob("*.yaml"))
-    unknown = [s for s in strategies if s not in available]
-    if unknown:
-        raise ConfigError(f"compare.strategies has {unknown}; choose from: {', '.join(available)}")
     failed = []
     for strategy in strategies:
         run_dir = output_dir / strategy
@@ -51,18 +53,26 @@ def main(cfg: DictConfig) -> None:
         if not Path(source).is_dir():
             raise ConfigError(f"from={source} is not a folder (expected a multirun or compare output folder)")
         rows = collect_runs(source)
-        if not rows:
-            raise ConfigError(f"from={source} holds no <run>/metrics.json")
+        if not succeeded(rows):
+            raise ConfigError(f"from={source} holds no <run>/metrics.json"
+                              + (f" ({len(rows)} failed runs)" if rows else ""))
     else:
+        available = available_strategies()
+        strategies = list(cfg.compare.strategies or available)
+        unknown = [s for s in strategies if s not in available]
+        if unknown:
+            raise ConfigError(f"compare.strategies has {unknown}; choose from: {', '.join(available)}")
         task_overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(OWN_KEYS)]
-        failed = run_strategies(list(cfg.compare.strategies), task_overrides, output_dir)
+        hydra_overrides = [o for o in HydraConfig.get().overrides.hydra if o.startswith("hydra.searchpath")]
+        failed = run_strategies(strategies, [*task_overrides, *hydra_overrides], output_dir)
         rows = collect_runs(output_dir)
-        if not rows:
+        if not succeeded(rows):
             raise ConfigError(f"every strategy failed ({', '.join(failed)}); see the train.log files under {output_dir}")
     paths = write_report(rows, output_dir, title=cfg.compare.title)
     print(format_text(rows))
-    if not source and failed:
-        print(f"failed: {', '.join(failed)} (see their train.log)")
+    unreported = [s for s in ([] if source else failed) if s not in {r["strategy"] for r in rows if r.get("failed")}]
+    if unreported:  # died without writing failure.json (killed, out of memory)
+        print(f"failed: {', '.join(unreported)} (see their train.log)")
     print(f"report: {paths['md']}, {paths['csv']}, {paths['png']}")
 
 

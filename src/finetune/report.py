@@ -19,18 +19,37 @@ COLUMNS = [  # (metrics.json key, column header, format)
     ("extract_seconds", "extract s", "{:.1f}"),
     ("cache_hit", "cache hit", "{}"),
 ]
-STRATEGY_ORDER = ["full", "freeze", "no_grad", "cached"]
+FAILURE_FILE = "failure.json"
 
 
 def collect_runs(folder: str | Path) -> list[dict]:
-    """metrics.json of every run under `folder` (a compare output or a `finetune-train -m` multirun folder)."""
+    """metrics.json of every run under `folder` (a compare output or a `finetune-train -m` multirun folder), and a
+    row with `failed: true` and the error for every run that wrote failure.json instead.
+
+    Rows go from the most trained parameters to the fewest, then from the longest fit to the shortest, failed runs
+    last: the order follows from the runs themselves, so a new strategy needs no entry anywhere."""
+    folder = Path(folder)
     rows = []
-    for path in sorted(Path(folder).glob("*/metrics.json")) + sorted(Path(folder).glob("metrics.json")):
-        metrics = json.loads(path.read_text())
-        metrics["run_dir"] = str(path.parent)
+    for run_dir in sorted({p.parent for pattern in ("metrics.json", FAILURE_FILE)
+                           for p in [*folder.glob(f"*/{pattern}"), *folder.glob(pattern)]}):
+        if (run_dir / FAILURE_FILE).exists():
+            failure = json.loads((run_dir / FAILURE_FILE).read_text())
+            rows.append({"strategy": failure.get("strategy") or run_dir.name, "failed": True,
+                         "error": failure.get("error", "?"), "run_dir": str(run_dir)})
+            continue
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics["run_dir"] = str(run_dir)
         rows.append(metrics)
-    order = {name: i for i, name in enumerate(STRATEGY_ORDER)}
-    return sorted(rows, key=lambda m: (order.get(m.get("strategy"), len(order)), m.get("run_dir", "")))
+    return sorted(rows, key=lambda m: (bool(m.get("failed")), -(m.get("trainable_params") or 0),
+                                       -(m.get("fit_seconds") or 0), m.get("strategy", ""), m["run_dir"]))
+
+
+def succeeded(rows: list[dict]) -> list[dict]:
+    return [row for row in rows if not row.get("failed")]
+
+
+def failure_lines(rows: list[dict]) -> list[str]:
+    return [f"failed: {row['strategy']}: {row['error']} ({row['run_dir']})" for row in rows if row.get("failed")]
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -47,16 +66,17 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
 def format_markdown(rows: list[dict]) -> str:
     headers = [header for _, header, _ in COLUMNS]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
-    return "\n".join(lines) + "\n"
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(succeeded(rows))]
+    failures = failure_lines(rows)
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(f"- {line}" for line in failures) + "\n" if failures else "")
 
 
 def format_text(rows: list[dict]) -> str:
     headers = [header for _, header, _ in COLUMNS]
-    body = table_rows(rows)
+    body = table_rows(succeeded(rows))
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, body)])
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, body), *failure_lines(rows)])
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -98,19 +118,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def write_report(rows: list[dict], output_dir: str | Path, title: str = "strategy comparison") -> dict[str, Path]:
     """comparison.csv, comparison.md and comparison.png in `output_dir`; returns their paths."""
-    if not rows:
+    if not succeeded(rows):
         raise ValueError(f"no runs with a metrics.json under {output_dir}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: output_dir / f"comparison.{kind}" for kind in ("csv", "md", "png")}
     keys = [key for key, _, _ in COLUMNS] + sorted({k for r in rows for k in r} - {k for k, _, _ in COLUMNS})
+    # a failed run is a row too, with `failed` and `error` and empty measurements
     with open(paths["csv"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    first = rows[0]
+    first = succeeded(rows)[0]
     header = (f"# {title}\n\nbackbone `{first.get('backbone')}`, data `{first.get('data')}`, "
               f"{first.get('epochs')} epochs, device `{first.get('device')}`, precision `{first.get('precision')}`\n\n")
     paths["md"].write_text(header + format_markdown(rows))
-    plot(rows, paths["png"], f"{title}: {first.get('backbone')} on {first.get('data')}")
+    plot(succeeded(rows), paths["png"], f"{title}: {first.get('backbone')} on {first.get('data')}")
     return paths
