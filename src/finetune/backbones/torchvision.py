@@ -47,8 +47,14 @@ def build(name: str, pretrained: bool = False, weights: str = "DEFAULT", checkpo
     if checkpoint_path:
         model.load_state_dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True), strict=True)
     num_features = _replace_classifier(model)
-    preset = chosen.transforms()  # metadata only: building it downloads nothing
-    size = preset.crop_size[0]
-    data_config = {"input_size": (3, size, size), "mean": tuple(preset.mean), "std": tuple(preset.std),
-                   "interpolation": preset.interpolation.value}
-    return Backbone(model=model, name=f"torchvision/{name}", num_features=num_features, data_config=data_config)
+    return Backbone(model=model, name=f"torchvision/{name}", num_features=num_features,
+                    data_config=preset_data_config(chosen))
+
+
+def preset_data_config(weights: torchvision.models.WeightsEnum) -> dict:
+    """The weights' eval preset in timm's data_config keys: resize to `resize_size`, centre-crop `crop_size`
+    (256 -> 224 for IMAGENET1K_V1, 232 -> 224 for the V2 recipes), so crop_pct = crop / resize."""
+    preset = weights.transforms()  # metadata only: building it downloads nothing
+    crop, resize = preset.crop_size[0], preset.resize_size[0]
+    return {"input_size": (3, crop, crop), "crop_pct": crop / resize, "mean": tuple(preset.mean),
+            "std": tuple(preset.std), "interpolation": preset.interpolation.value}

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
 
 from finetune.errors import ConfigError
 
@@ -21,18 +22,20 @@ SPLITS = ("train", "val", "test")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
-class IndexBatchSampler:
+class IndexBatchSampler(Sampler):
     """Yields whole batches of indices as tensors: one randperm per epoch, sliced, never a Python list per sample.
 
-    Ordering matches torch's DistributedSampler (seed + epoch, padded by wrapping, then every world-th index), so
-    one process and several see the same epoch permutation; Lightning calls set_epoch before each epoch.
+    Training order matches torch's DistributedSampler (seed + epoch, padded by wrapping, then every world-th index),
+    so one process and several see the same epoch permutation; Lightning calls set_epoch before each epoch. Without
+    shuffling (evaluation) nothing is padded: each sample is counted once, on one rank, as with Lightning's
+    UnrepeatedDistributedSampler.
     """
 
     def __init__(self, length: int, batch_size: int, shuffle: bool, drop_last: bool = False, world: int = 1,
                  rank: int = 0, seed: int = 0):
         self.length, self.batch_size, self.shuffle = length, batch_size, shuffle
         self.world, self.rank, self.seed, self.epoch = world, rank, seed, 0
-        self.per_rank = math.ceil(length / world)
+        self.per_rank = math.ceil(length / world) if shuffle else len(range(rank, length, world))
         self.drop_last = drop_last and self.per_rank > batch_size
 
     def set_epoch(self, epoch: int) -> None:
@@ -43,7 +46,7 @@ class IndexBatchSampler:
             order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(self.length)
-        padding = self.per_rank * self.world - self.length
+        padding = self.per_rank * self.world - self.length if self.shuffle else 0
         if padding:
             order = torch.cat([order, order[:padding].repeat(math.ceil(padding / max(len(order), 1)))[:padding]])
         return order[self.rank::self.world]
@@ -106,10 +109,16 @@ class IndexBatchLoader:
                 yield self.dataset[index]
 
 
+class SequentialIndexBatchSampler(IndexBatchSampler, SequentialSampler):
+    """Batches in dataset order. It is a SequentialSampler, so Lightning's overfit_batches, which insists on one for
+    every loader, takes it as it is instead of trying to rebuild the loader as a DataLoader."""
+
+
 def index_batch_loader(dataset: IndexBatchDataset, batch_size: int, shuffle: bool, drop_last: bool = False,
                        trainer=None, seed: int = 0) -> IndexBatchLoader:
     world, rank = world_and_rank(trainer)
-    sampler = IndexBatchSampler(len(dataset), batch_size, shuffle, drop_last, world, rank, seed)
+    sampler_type = IndexBatchSampler if shuffle else SequentialIndexBatchSampler
+    sampler = sampler_type(len(dataset), batch_size, shuffle, drop_last, world, rank, seed)
     return IndexBatchLoader(dataset, sampler, trainer if shuffle else None)
 
 
@@ -120,7 +129,9 @@ class SplitLoaders(LightningDataModule):
     eval_batch_size: int
 
     def train_dataloader(self):
-        return self.split_loader("train", self.batch_size, shuffle=True, drop_last=True)
+        # Lightning's overfit_batches wants the same first batches every epoch: no shuffling, no augmentation
+        overfitting = self.trainer is not None and self.trainer.overfit_batches > 0
+        return self.split_loader("train", self.batch_size, shuffle=not overfitting, drop_last=True)
 
     def val_dataloader(self):
         return self.split_loader("val", self.eval_batch_size, shuffle=False)
@@ -137,7 +148,7 @@ class ImageDataModule(SplitLoaders):
 
     def __init__(self, batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
                  image_size: int | None = None, mean: list[float] | None = None, std: list[float] | None = None,
-                 interpolation: str | None = None, crop_pct: float | None = None, augment: str = "none",
+                 interpolation: str | None = None, crop_pct: float | None = None, augment: str | None = None,
                  seed: int = 0):
         super().__init__()
         for field, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
@@ -148,19 +159,24 @@ class ImageDataModule(SplitLoaders):
             raise ConfigError(f"data.num_workers={num_workers} must be 0 or more")
         if interpolation is not None and interpolation not in INTERPOLATIONS:
             raise ConfigError(f"data.interpolation={interpolation!r}; choose one of: {', '.join(INTERPOLATIONS)}")
-        if augment not in self.augmentations:
+        if augment is not None and augment not in self.augmentations:
             raise ConfigError(f"data.augment={augment!r}; choose one of: {', '.join(self.augmentations)}")
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
-        self.augment = augment
+        # None: the datamodule's default, which a strategy that cannot use it (cached) may switch off
+        self.augment_requested = augment is not None
+        self.augment = augment or self.augmentations[-1]
         self.seed = int(seed)
         self._overrides = {"image_size": image_size, "mean": mean, "std": std, "interpolation": interpolation,
                            "crop_pct": crop_pct}
         self.preprocessing: dict[str, Any] = {}
         self.configure_preprocessing({})
 
-    augmentations: tuple[str, ...] = ("none",)
+    augmentations: tuple[str, ...] = ("none",)  # the last is the default
+
+    def disable_augmentation(self) -> None:
+        self.augment = "none"
 
     # -- what subclasses provide -------------------------------------------------------------------------------
     @property
@@ -238,9 +254,12 @@ class ImageDataModule(SplitLoaders):
 
     # -- loaders -----------------------------------------------------------------------------------------------
     def sampler(self, length: int, shuffle: bool) -> DistributedSampler:
-        """Epoch-seeded order (Lightning calls set_epoch); under DDP, this rank's padded shard."""
+        """Training: epoch-seeded order (Lightning calls set_epoch), under DDP this rank's padded shard. Evaluation:
+        in order, unpadded, so that no sample is counted twice across ranks."""
         world, rank = world_and_rank(self.trainer)
-        return DistributedSampler(range(length), num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+        if not shuffle:
+            return UnrepeatedDistributedSampler(range(length), num_replicas=world, rank=rank, shuffle=False)
+        return DistributedSampler(range(length), num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
 
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from contextlib import contextmanager
@@ -21,7 +22,11 @@ from filelock import FileLock
 from torch import nn
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+KEY_LENGTH = 24
+KEY_PATTERN = re.compile(rf"[0-9a-f]{{{KEY_LENGTH}}}")
+# what else this cache writes: `<key>.lock`, and `.<key>.pt.<random>.tmp` / `.<key>.json.<random>.tmp` while writing
+LEFTOVER_PATTERN = re.compile(rf"[0-9a-f]{{{KEY_LENGTH}}}\.lock|\.[0-9a-f]{{{KEY_LENGTH}}}\.(pt|json)\..+\.tmp")
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -62,7 +67,7 @@ class FeatureCache:
     @staticmethod
     def key(identity: dict) -> str:
         blob = json.dumps({"format": FORMAT_VERSION, **identity}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+        return hashlib.sha256(blob.encode()).hexdigest()[:KEY_LENGTH]
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.root / f"{key}.pt", self.root / f"{key}.json"
@@ -122,28 +127,46 @@ class FeatureCache:
             return False
         return True
 
+    def has(self, key: str) -> bool:
+        return self._paths(key)[1].exists()
+
     def remove(self, key: str) -> None:
         for path in self._paths(key):
             path.unlink(missing_ok=True)
 
+    def _manifests(self) -> list[tuple[Path, dict]]:
+        """(path, manifest) of every cache manifest in the folder: a JSON file named `<key>.json` that says it is the
+        entry `key` and lists its tensors. Anything else in the folder (a run's metrics.json ...) is not ours."""
+        found = []
+        for path in sorted(self.root.glob("*.json")):
+            if not KEY_PATTERN.fullmatch(path.stem):
+                continue
+            try:
+                manifest = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(manifest, dict) and manifest.get("key") == path.stem and "tensors" in manifest:
+                found.append((path, manifest))
+        return found
+
     def entries(self) -> list[dict]:
         """Manifests of the complete entries, newest first, each with its size on disk."""
         found = []
-        for manifest_path in sorted(self.root.glob("*.json")):
-            try:
-                manifest = json.loads(manifest_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
+        for manifest_path, manifest in self._manifests():
             data_path = manifest_path.with_suffix(".pt")
             manifest["bytes"] = data_path.stat().st_size if data_path.exists() else 0
             found.append(manifest)
         return sorted(found, key=lambda m: m.get("created", ""), reverse=True)
 
     def clear(self) -> int:
-        """Remove every entry, lock and leftover temporary file; returns the bytes freed."""
+        """Remove the cache's own files only: each entry a manifest names (its .json and .pt), and the locks and
+        temporary files whose names only this cache writes. Returns the bytes freed."""
+        doomed = [path for manifest_path, _ in self._manifests() for path in (manifest_path.with_suffix(".pt"),
+                                                                               manifest_path)]
+        doomed += [p for p in self.root.iterdir() if p.is_file() and LEFTOVER_PATTERN.fullmatch(p.name)]
         freed = 0
-        for pattern in ("*.pt", "*.json", "*.lock", ".*.tmp"):
-            for path in self.root.glob(pattern):
+        for path in doomed:
+            if path.exists():
                 freed += path.stat().st_size
                 path.unlink(missing_ok=True)
         return freed

@@ -13,11 +13,14 @@ from torchvision.transforms import v2
 from finetune.data.base import ImageDataModule
 
 
+def eval_resize_size(size: int, crop_pct: float) -> int:
+    """The shorter side before the centre crop: timm's floor(size / crop_pct), tolerant of a crop_pct stored as
+    crop / resize (224 / 232 must give back 232, not 231.99...)."""
+    return math.floor(size / crop_pct + 1e-6)
+
+
 class FileImageDataModule(ImageDataModule):
     augmentations = ("none", "flip", "random_resized_crop")
-
-    def __init__(self, augment: str = "random_resized_crop", **kwargs):
-        super().__init__(augment=augment, **kwargs)
 
     def transforms(self, train: bool) -> v2.Compose:
         size = self.image_size
@@ -27,7 +30,7 @@ class FileImageDataModule(ImageDataModule):
             geometry = [v2.RandomResizedCrop(size, interpolation=interpolation, antialias=True),
                         v2.RandomHorizontalFlip()]
         else:
-            resize = math.floor(size / self.preprocessing["crop_pct"])
+            resize = eval_resize_size(size, self.preprocessing["crop_pct"])
             geometry = [v2.Resize(resize, interpolation=interpolation, antialias=True), v2.CenterCrop(size)]
             if train and self.augment == "flip":
                 geometry.append(v2.RandomHorizontalFlip())

@@ -1,4 +1,6 @@
 """Class-per-folder images: `root/{train,val[,test]}/<class>/*.jpg`, or one `root/<class>/*` split by fractions.
+Without a test/ folder, `test_fraction` of train/ is held out as the test split (seeded, stratified): never val,
+which picks the checkpoint. `test_fraction: 0` tests on val and says so loudly.
 
 An unreadable image fails the run naming the file (never a silent skip that trains on less than you think);
 `verify_images: true` finds every bad file before training starts.
@@ -77,6 +79,7 @@ class ImageFolderDataModule(FileImageDataModule):
         self.verify_images = verify_images
         self._samples: dict[str, list[tuple[str, int]]] | None = None
         self._classes: list[str] = []
+        self.test_split = "test"  # where the test split comes from, once scanned (metrics.json reports it)
 
     @property
     def samples(self) -> dict[str, list[tuple[str, int]]]:
@@ -90,18 +93,34 @@ class ImageFolderDataModule(FileImageDataModule):
         return self._samples
 
     def _scan(self) -> dict[str, list[tuple[str, int]]]:
-        if (self.root / "train").is_dir():
-            self._classes, train = scan_class_folders(self.root / "train")
-            _, val = scan_class_folders(self.root / "val", self._classes)
-            test = scan_class_folders(self.root / "test", self._classes)[1] if (self.root / "test").is_dir() else val
+        if not (self.root / "train").is_dir():
+            self._classes, every = scan_class_folders(self.root)
+            rest, test = self._hold_out(every, self.test_fraction)
+            train, val = self._hold_out(rest, self.val_fraction / (1 - self.test_fraction))
+            self.test_split = f"held out {self.test_fraction:.0%} of {self.root} (data.split_seed={self.split_seed})"
             return {"train": train, "val": val, "test": test}
-        self._classes, every = scan_class_folders(self.root)
-        labels = np.array([label for _, label in every])
-        index = np.arange(len(every))
-        rest, test = train_test_split(index, test_size=self.test_fraction, stratify=labels, random_state=self.split_seed)
-        train, val = train_test_split(rest, test_size=self.val_fraction / (1 - self.test_fraction),
-                                      stratify=labels[rest], random_state=self.split_seed)
-        return {name: [every[i] for i in idx] for name, idx in (("train", train), ("val", val), ("test", test))}
+        self._classes, train = scan_class_folders(self.root / "train")
+        _, val = scan_class_folders(self.root / "val", self._classes)
+        if (self.root / "test").is_dir():
+            self.test_split = f"{self.root / 'test'}"
+            return {"train": train, "val": val, "test": scan_class_folders(self.root / "test", self._classes)[1]}
+        if self.test_fraction > 0:  # never test on val: it picked the checkpoint
+            train, test = self._hold_out(train, self.test_fraction)
+            self.test_split = (f"held out {self.test_fraction:.0%} of {self.root / 'train'} "
+                               f"(no test/ folder; data.test_fraction, data.split_seed={self.split_seed})")
+            log.info("no test/ folder under %s: the test split is %s", self.root, self.test_split)
+            return {"train": train, "val": val, "test": test}
+        self.test_split = "val (no test/ folder and data.test_fraction=0: test accuracy is NOT held out)"
+        log.warning("no test/ folder under %s and data.test_fraction=0: testing on val, the split that picked the "
+                    "checkpoint; the test accuracy is optimistic", self.root)
+        return {"train": train, "val": val, "test": val}
+
+    def _hold_out(self, samples: list[tuple[str, int]], fraction: float):
+        """(rest, held out): a stratified, seeded share of `samples`."""
+        labels = np.array([label for _, label in samples])
+        rest, held = train_test_split(np.arange(len(samples)), test_size=fraction, stratify=labels,
+                                      random_state=self.split_seed)
+        return [samples[i] for i in rest], [samples[i] for i in held]
 
     def _verify(self) -> None:
         paths = sorted({p for items in self._samples.values() for p, _ in items})

@@ -32,7 +32,8 @@ class FreezingStrategy:
         return set()
 
     def eval_modules(self, module: FinetuneModule) -> list[nn.Module]:
-        """Modules that stay in eval mode for the whole fit, whatever Lightning switches."""
+        """Every module that stays in eval mode for the whole fit, whatever Lightning switches (containers and their
+        children listed one by one, so a strategy can keep some children, e.g. BatchNorm, training)."""
         return []
 
     def trainable_parameters(self, module: FinetuneModule) -> list[tuple[str, nn.Parameter]]:
@@ -41,9 +42,10 @@ class FreezingStrategy:
         return [(n, p) for n, p in module.named_parameters() if n not in frozen and p.requires_grad]
 
     def restore_eval_modes(self, module: FinetuneModule) -> None:
-        """Called after every module.train(): frozen parts go back to eval mode."""
+        """Called after every module.train(): frozen parts go back to eval mode. Each listed module is switched on its
+        own (what .eval() does per module, without recursing into children the strategy keeps training)."""
         for frozen in self.eval_modules(module):
-            frozen.eval()
+            frozen.training = False
 
     def wrap_datamodule(self, datamodule: LightningDataModule, module: FinetuneModule) -> LightningDataModule:
         """Where the training inputs come from; `cached` replaces images with stored features."""

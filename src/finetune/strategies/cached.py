@@ -4,11 +4,15 @@ during fit, but stays in the checkpoint so evaluation and prediction work on raw
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from finetune.errors import ConfigError
 from finetune.strategies.base import FreezingStrategy, names_under
+
+log = logging.getLogger(__name__)
 
 
 class CachedFeatures(FreezingStrategy):
@@ -36,7 +40,7 @@ class CachedFeatures(FreezingStrategy):
             return backbone(inputs)
 
     def eval_modules(self, module) -> list[nn.Module]:
-        return [module.backbone]
+        return list(module.backbone.modules())
 
     def frozen_names(self, module) -> set[str]:
         return names_under(module, ["backbone"])
@@ -45,9 +49,14 @@ class CachedFeatures(FreezingStrategy):
         from finetune.data.cached import CachedFeatureDataModule
 
         if getattr(datamodule, "has_random_train_augmentation", False):
-            raise ConfigError(
-                "strategy=cached stores each image's features once, so a random train augmentation would be frozen "
-                "into one sample per image; turn it off (data.augment=none) or use strategy=freeze or no_grad")
+            if datamodule.augment_requested:
+                raise ConfigError(
+                    f"strategy=cached stores each image's features once, so data.augment={datamodule.augment} would "
+                    f"be frozen into one sample per image; drop the override (cached then trains without "
+                    f"augmentation) or use strategy=freeze or no_grad")
+            log.info("strategy=cached extracts train features with eval transforms: the default train augmentation "
+                     "(%s) is off for it; strategy=freeze or no_grad train with it", datamodule.augment)
+            datamodule.disable_augmentation()
         return CachedFeatureDataModule(datamodule, module, cache_dir=self.cache_dir, feature_dtype=self.feature_dtype,
                                        extract_batch_size=self.extract_batch_size, batch_size=self.batch_size,
                                        device_max_bytes=self.device_max_bytes)

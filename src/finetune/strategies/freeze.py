@@ -1,6 +1,6 @@
 """freeze: backbone parameters get requires_grad=False, all of them or only the submodules in `modules`.
-Frozen parts stay in eval mode (BatchNorm running stats fixed) unless `train_bn`, which keeps their BatchNorm
-training, affine and stats, as fastai does. Frozen parameters never reach the optimizer; gradients still flow through
+Frozen parts stay in eval mode (BatchNorm running stats fixed, dropout and drop-path off) unless `train_bn`, which
+keeps their BatchNorm layers alone training, affine and stats, as fastai does. Frozen parameters never reach the optimizer; gradients still flow through
 frozen layers into trainable earlier ones, so a partial freeze trains the stem below a frozen middle."""
 
 from __future__ import annotations
@@ -49,12 +49,10 @@ class FreezeBackbone(FreezingStrategy):
         self.restore_eval_modes(module)
 
     def eval_modules(self, module) -> list[nn.Module]:
-        roots = list(self.frozen_roots(module).values())
-        if not self.train_bn:
-            return roots
-        # Everything frozen but its BatchNorm layers, which keep training.
-        return [m for root in roots for m in root.modules()
-                if not isinstance(m, _BatchNorm) and not any(isinstance(c, _BatchNorm) for c in m.modules())]
+        # Everything frozen runs as in eval (dropout and drop-path off, also in the blocks that hold BatchNorm), except,
+        # with train_bn, the BatchNorm layers themselves.
+        return [m for root in self.frozen_roots(module).values() for m in root.modules()
+                if not (self.train_bn and isinstance(m, _BatchNorm))]
 
     def frozen_names(self, module) -> set[str]:
         frozen = names_under(module, list(self.frozen_roots(module)))

@@ -24,7 +24,7 @@ class NoGradBackbone(FreezingStrategy):
             return backbone(images)
 
     def eval_modules(self, module) -> list[nn.Module]:
-        return [module.backbone]
+        return list(module.backbone.modules())
 
     def frozen_names(self, module) -> set[str]:
         return names_under(module, ["backbone"])
