@@ -16,6 +16,29 @@ from omegaconf import open_dict, read_write
 DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
+# Command-line flags that choose configs (kept for the ranks) and the sweep's own hydra settings (dropped: a rank
+# runs one job, in the job's folder).
+CONFIG_FLAGS = ("-cd", "--config-dir", "-cn", "--config-name", "-cp", "--config-path")
+SWEEP_ONLY = ("hydra.mode", "hydra.sweep.", "hydra.sweeper", "hydra/sweeper", "hydra.launcher", "hydra/launcher",
+              "hydra.run.dir", "hydra.job.name", "hydra.output_subdir")
+
+
+def job_command_line(argv: list[str], hydra_overrides: list[str], task_overrides: list[str]) -> list[str]:
+    """The arguments that run this one job: the config flags of the sweep's command line (-cd, -cn, -cp), its hydra
+    overrides but the sweep's own (hydra.searchpath stays), and the job's task overrides."""
+    flags, i = [], 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in CONFIG_FLAGS:
+            takes_value = "=" not in argv[i] and i + 1 < len(argv)
+            flags += argv[i:i + 1 + takes_value]
+            i += 1 + takes_value
+            continue
+        i += 1
+    kept = [o for o in hydra_overrides if not o.lstrip("+~").startswith(SWEEP_ONLY)]
+    return [*flags, *kept, *task_overrides]
+
+
 @contextmanager
 def ddp_ranks_join_this_job(trainer):
     """Lightning starts DDP ranks by re-running sys.argv with `hydra.run.dir` set to Hydra's *run* dir. In a
@@ -30,7 +53,8 @@ def ddp_ranks_join_this_job(trainer):
     hydra_cfg = HydraConfig.get()
     with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
-    argv, sys.argv = sys.argv, [sys.argv[0], *hydra_cfg.overrides.task]
+    argv, sys.argv = sys.argv, [sys.argv[0], *job_command_line(sys.argv[1:], list(hydra_cfg.overrides.hydra),
+                                                                list(hydra_cfg.overrides.task))]
     saved_env = {name: os.environ.get(name) for name in DDP_LAUNCH_ENV}
     try:
         yield

@@ -26,7 +26,10 @@ class FinetuneModule(LightningModule):
                  scheduler: Callable[..., Any] | None = None, channels_last: bool = True, compile: bool = False,
                  run_config: dict | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "head", "strategy", "optimizer", "scheduler", "run_config"])
+        # the whole resolved run config, so every logger (CSV hparams.yaml, TensorBoard's HPARAMS, MLflow params) can
+        # tell runs apart by strategy, lr, backbone ...; Lightning logs these once, at fit start
+        self.save_hyperparameters({**(run_config or {}), "num_classes": num_classes, "channels_last": channels_last,
+                                   "compile": compile})
         self.backbone = backbone.model
         self.backbone_name = backbone.name
         self.backbone_is_conv = backbone.is_conv
@@ -54,13 +57,14 @@ class FinetuneModule(LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
+        """Runs before the strategy moves the model and wraps it in DDP, whose gradient buckets follow the parameters'
+        strides as they are then: channels_last must come first (after wrapping, every step would copy gradients)."""
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+        if device.type == "cuda" and self.hparams.channels_last and self.backbone_is_conv:
+            self.backbone.to(memory_format=torch.channels_last)
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.backbone.compile()  # in place: state_dict keys keep their names (no `_orig_mod.`)
             self._compiled = True
-
-    def on_fit_start(self) -> None:
-        if self.device.type == "cuda" and self.hparams.channels_last and self.backbone_is_conv:
-            self.backbone.to(memory_format=torch.channels_last)
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -71,7 +75,8 @@ class FinetuneModule(LightningModule):
         logits = self(inputs)
         loss = self.criterion(logits, targets)
         self.accuracy[f"{stage}_"].update(logits.detach(), targets)
-        self.mean_loss[f"{stage}_"].update(loss.detach())  # mean of batch means (weights would be ignored here)
+        # weighted by samples: the batch mean once per sample, so a last batch of 14 weighs 14/256 of a full one
+        self.mean_loss[f"{stage}_"].update(loss.detach().expand(len(targets)))
         return loss
 
     def _log_epoch(self, stage: str) -> None:
@@ -86,7 +91,9 @@ class FinetuneModule(LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
-        if self.global_step % self.trainer.log_every_n_steps == 0:  # Lightning writes step logs this often anyway
+        # only on the steps Lightning writes to the loggers (each self.log costs milliseconds of Python), so the value
+        # written at step s is step s's own loss; the rule is Lightning's (pinned by tests/test_metrics.py)
+        if self.trainer._logger_connector.should_update_logs:
             self.log("train/loss_step", loss.detach(), prog_bar=True, batch_size=len(batch[-1]))
         return loss
 
@@ -130,3 +137,51 @@ class FinetuneModule(LightningModule):
             raise ConfigError(f"checkpoint was trained with strategy={saved}, this run uses "
                               f"strategy={self.strategy.name}; resume with strategy={saved}, or start a new run "
                               f"from its weights instead of resuming")
+        saved_config = checkpoint.get("finetune", {}).get("config")
+        differences = resume_differences(saved_config, self.run_config) if saved_config and self.run_config else []
+        if differences:
+            listed = ", ".join(f"{key}={override_value(ours)} (checkpoint: {override_value(theirs)})"
+                               for key, theirs, ours in differences)
+            restore = " ".join(f"{key}={override_value(theirs)}" for key, theirs, _ in differences)
+            raise ConfigError(f"cannot resume: this run differs from the checkpoint in what its saved state depends on "
+                              f"(parameter groups, schedule length, data order): {listed}; resume with the "
+                              f"checkpoint's values ({restore}), or start a new run instead of resuming")
+
+
+# What a resumed optimizer, schedule and data order depend on; anything else (paths, loggers, callbacks, workers,
+# where pretrained weights came from) may change between a run and its resumption.
+RESUME_MUST_MATCH = ("strategy", "backbone", "head", "optimizer", "scheduler", "data", "seed", "trainer.max_epochs",
+                     "trainer.max_steps", "trainer.accumulate_grad_batches")
+RESUME_MAY_DIFFER = ("backbone.pretrained", "backbone.checkpoint_path", "data.num_workers", "data.eval_batch_size",
+                     "data.verify_images", "data.root", "strategy.cache_dir", "strategy.extract_batch_size",
+                     "strategy.device_max_bytes")
+
+
+def override_value(value: Any) -> str:
+    """A value as a Hydra command-line override writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    return str(value)
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) for every resume-relevant key that differs."""
+    saved, current = flatten(saved), flatten(current)
+    under = lambda key, prefixes: any(key == p or key.startswith(p + ".") for p in prefixes)
+    keys = sorted(k for k in saved.keys() | current.keys()
+                  if under(k, RESUME_MUST_MATCH) and not under(k, RESUME_MAY_DIFFER))
+    return [(k, saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)]

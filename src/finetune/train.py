@@ -77,6 +77,7 @@ def _best_or_current(trainer: L.Trainer) -> str | None:
 
 def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val) -> dict:
     meter = next((c for c in trainer.callbacks if isinstance(c, RunMeter)), RunMeter())
+    images = getattr(datamodule, "images", datamodule)
     checkpoint = trainer.checkpoint_callback
     best_val = checkpoint.best_model_score if checkpoint is not None and checkpoint.best_model_score is not None \
         else last_val
@@ -92,14 +93,17 @@ def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val) -> di
         "trainable_params": sum(p.numel() for _, p in module.strategy.trainable_parameters(module)),
         "total_params": sum(p.numel() for p in module.parameters()),
         "epochs": trainer.current_epoch,
-        "image_size": getattr(getattr(datamodule, "images", datamodule), "image_size", None),
+        "image_size": getattr(images, "image_size", None),
+        "test_split": getattr(images, "test_split", "test"),
         "precision": str(trainer.precision),
         "device": str(module.device),
         "best_checkpoint": checkpoint.best_model_path if checkpoint is not None else None,
     }
     if hasattr(datamodule, "report"):  # cached: what extraction cost and whether the cache served it
-        metrics.update(extract_seconds=round(datamodule.report["extract_seconds"], 3),
-                       cache_hit=datamodule.report["cache_hit"])
+        report = datamodule.report
+        metrics.update(extract_seconds=round(report["extract_seconds"], 3), cache_hit=report["cache_hit"],
+                       extract_peak_memory_mb=round(report["extract_peak_memory_mb"], 1),
+                       peak_memory_mb=round(max(meter.peak_memory_mb, report["extract_peak_memory_mb"]), 1))
     audit = next((c for c in trainer.callbacks if isinstance(c, FreezeAudit)), None)
     if audit is not None and audit.report is not None:
         metrics["audit_violations"] = len(audit.report["violations"])

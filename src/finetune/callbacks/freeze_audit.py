@@ -1,8 +1,9 @@
 """Proves, for every run, that the strategy froze exactly what it claims.
 
-At fit start it snapshots every parameter and buffer and reads the optimizer's parameter set; during fit it checks
-that frozen parameters never receive a gradient and frozen modules stay in eval mode; at fit end it writes
-`param_audit.json` (requires_grad, in_optimizer, changed, max_abs_delta per name) and fails the run on any violation.
+When fit sets up it snapshots every parameter and buffer of the model as built (before any checkpoint is restored);
+at fit start it reads the optimizer's parameter set; during fit it checks that frozen parameters never receive a
+gradient and frozen modules stay in eval mode; at fit end it writes `param_audit.json` (requires_grad, in_optimizer,
+changed, max_abs_delta per name, against the model as built) and fails the run on any violation.
 """
 
 from __future__ import annotations
@@ -24,15 +25,23 @@ class FreezeAudit(Callback):
         self.fail_on_violation = fail_on_violation
         self.report: dict | None = None
 
+    def setup(self, trainer, module, stage: str) -> None:
+        """The baseline is the model as built, before Lightning restores a checkpoint: a resumed run still proves its
+        frozen tensors equal their pretrained source, also across a kill."""
+        if stage == "fit":
+            self.initial = {name: t.detach().to("cpu", copy=True) for _, name, t in self._tensors(module)}
+
     def on_fit_start(self, trainer, module) -> None:
         self.frozen = module.strategy.frozen_names(module)
-        self.trainable = {n for n, _ in module.strategy.trainable_parameters(module)}
+        # trainable: what requires a gradient and is not frozen; each must be optimised, or it would take gradients
+        # and never move
+        self.trainable = {n for n, p in module.named_parameters() if p.requires_grad and n not in self.frozen}
         in_optimizer = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         self.in_optimizer = {n for n, p in module.named_parameters() if id(p) in in_optimizer}
-        self.initial = {name: t.detach().to("cpu", copy=True) for _, name, t in self._tensors(module)}
         # flat lists so the per-step checks cost a few microseconds, not a walk of the module tree
         self.frozen_params = [(n, p) for n, p in module.named_parameters() if n in self.frozen]
-        self.eval_modules = [(n, m) for root in module.strategy.eval_modules(module) for n, m in root.named_modules()]
+        names = {id(m): n for n, m in module.named_modules()}
+        self.eval_modules = [(names.get(id(m), "?"), m) for m in module.strategy.eval_modules(module)]
         self.violations: list[str] = []
         self._reported: set[str] = set()  # per-step problems are reported once, not every step
         for name in sorted(self.trainable - self.in_optimizer):

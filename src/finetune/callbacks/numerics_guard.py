@@ -50,8 +50,9 @@ class NonFiniteLossGuard(Callback):
         step = int(self.first_bad_step)
         if step < 0:
             return
-        checkpoint = trainer.checkpoint_callback
-        last_good = (checkpoint.last_model_path or checkpoint.best_model_path) if checkpoint else ""
+        saved = [c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path]
+        saved += [c.best_model_path for c in trainer.checkpoint_callbacks if c.best_model_path]
+        last_good = saved[0] if saved else ""
         raise NonFiniteLossError(
             f"training loss became {float(self.first_bad_loss)} at step {step} (epoch {trainer.current_epoch}); "
             f"last good checkpoint: {last_good or 'none yet'}; try a lower optimizer.lr, "

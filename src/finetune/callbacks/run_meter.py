@@ -1,4 +1,5 @@
-"""Measures what a run cost: fit wall time, steady training throughput (validation excluded) and peak memory."""
+"""Measures what a run cost: fit wall time, training throughput (validation excluded; summed over DDP ranks) and
+peak memory (this process's; rank 0's under DDP)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,11 @@ class RunMeter(Callback):
         _sync(module)
         self.fit_seconds = time.perf_counter() - self._fit_start
         self.peak_memory_mb = peak_memory_mb(module.device)
+        if trainer.world_size > 1:  # throughput of the whole job: every rank's samples over the slowest rank's time
+            counts = torch.tensor([float(self.train_samples), self.train_seconds], device=module.device)
+            self.train_samples = int(trainer.strategy.reduce(counts[:1].clone(), reduce_op="sum").item())
+            gathered = trainer.strategy.all_gather(counts[1:].clone())
+            self.train_seconds = float(gathered.max())
 
     @property
     def train_samples_per_second(self) -> float:
