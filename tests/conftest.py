@@ -73,3 +73,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 6, split_dirs=("train", "val")) -> Path:
+    """root/<split>/<class>/<i>.png: small coloured squares a tiny model can tell apart."""
+    from PIL import Image
+
+    for split in split_dirs:
+        for label, name in enumerate(classes):
+            folder = root / split / name if split else root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.new("RGB", (20, 20), (40 * i, 100, 200 * label)).save(folder / f"{i}.png")
+    return root
+
+
+def write_mnist(root: Path, num_train: int = 200, num_test: int = 20) -> Path:
+    """MNIST's raw idx files under root/MNIST/raw, so torchvision.datasets.MNIST loads offline with download=False."""
+    import numpy as np
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(0)
+    for prefix, count in (("train", num_train), ("t10k", num_test)):
+        images = generator.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        labels = np.arange(count, dtype=np.uint8) % 10
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            np.array([2051, count, 28, 28], dtype=">i4").tobytes() + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([2049, count], dtype=">i4").tobytes()
+                                                          + labels.tobytes())
+    return root

@@ -93,14 +93,16 @@ def test_empty_split_names_the_folder(tmp_path):
         ImageFolderDataModule(root=str(root)).num_classes
 
 
-def test_image_folder_serves_uint8_batches_and_refuses_augmentation_with_cached(tmp_path):
+def test_image_folder_serves_uint8_batches_and_refuses_augmentation_asked_for_with_cached(tmp_path):
     root = make_folder(tmp_path / "images")
     datamodule = ImageFolderDataModule(root=str(root), image_size=16, batch_size=4, num_workers=0)
     images, labels = next(iter(datamodule.train_dataloader()))
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 16, 16) and datamodule.num_classes == 2
-    with pytest.raises(ConfigError, match=r"strategy=cached stores each image's features once.*data.augment=none"):
+    assert datamodule.augment == "random_resized_crop", "the default for strategies that run the backbone"
+    with pytest.raises(ConfigError, match=r"strategy=cached stores each image's features once, so "
+                                          r"data.augment=flip would be frozen .*drop the override"):
         build(compose_config(tmp_path, [*NO_DATA, "strategy=cached", "data=image_folder", f"data.root={root}",
-                                        "data.image_size=16"]))
+                                        "data.image_size=16", "data.augment=flip"]))
 
 
 def test_corrupt_image_is_named_by_verify_before_training(tmp_path):
@@ -147,7 +149,7 @@ def test_unknown_torchvision_dataset_lists_choices():
 def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli("finetune.train", *TINY, "strategy=freeze", "trainer.max_epochs=3",
-                     "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.monitor=null",
+                     "callbacks.last_checkpoint.every_n_train_steps=2",
                      "+callbacks.poison._target_=tests.faults.PoisonWeightsAtStep", "+callbacks.poison.step=5",
                      f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 2
