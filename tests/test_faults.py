@@ -63,7 +63,7 @@ def test_bad_values_on_the_command_line_are_one_line_with_exit_code_2(tmp_path):
 
 
 # -- data --------------------------------------------------------------------------------------------------------
-def make_folder(root, classes=("cat", "dog"), per_class=6, split_dirs=("train", "val")):
+def make_folder(root, classes=("cat", "dog"), per_class=6, split_dirs=("train", "val")):  # noqa: D103
     for split in split_dirs:
         for name in classes:
             folder = root / split / name
@@ -160,3 +160,77 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoi
     assert checkpoint["global_step"] == 4
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if t.is_floating_point())
     assert not (run_dir / "metrics.json").exists()
+
+
+# -- sweeps --------------------------------------------------------------------------------------------------------
+def test_a_failed_job_does_not_end_the_sweep(tmp_path):
+    """A bad value and a diverging run each fail their own job; the sweep goes on, then exits 1 naming them."""
+    from finetune.report import collect_runs, format_text
+
+    sweep = tmp_path / "sweep"
+    result = run_cli("finetune.train", "-m", *TINY, "strategy=freeze", "optimizer.lr=-1,1e-2",
+                     "+callbacks.poison._target_=tests.faults.PoisonWeightsAtStep", "+callbacks.poison.step=2,1000",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    jobs = {p.name: p for p in sweep.iterdir() if p.is_dir()}
+    assert sorted(jobs) == ["0", "1", "2", "3"], "every job ran"
+    failed = {name for name, job in jobs.items() if (job / "failure.json").exists()}
+    assert failed == {"0", "1", "2"} and (jobs["3"] / "metrics.json").exists()
+    assert "3 of 4 jobs failed" in result.stderr
+    assert "optimizer.lr=-1 must be a positive number" in result.stderr
+    assert "training loss became nan" in result.stderr
+    rows = collect_runs(sweep)
+    assert [r.get("failed", False) for r in rows] == [False, True, True, True]
+    text = format_text(rows)
+    assert text.count("failed: freeze: ") == 3 and "training loss became nan" in text
+
+
+# -- precision ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("native,expected", [(True, "bf16-mixed"), (False, "16-mixed")])
+def test_auto_precision_uses_bf16_only_where_the_gpu_has_it(monkeypatch, native, expected):
+    from finetune import config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+    assert config.auto_precision("auto") == expected and config.auto_precision("cpu") == "32-true"
+
+
+# -- test split ----------------------------------------------------------------------------------------------------
+def test_image_folder_without_test_holds_out_part_of_train_never_val(tmp_path):
+    root = make_folder(tmp_path / "images", per_class=10)
+    datamodule = ImageFolderDataModule(root=str(root), test_fraction=0.2)
+    splits = datamodule.samples
+    assert len(splits["test"]) == 4 and len(splits["train"]) == 16 and len(splits["val"]) == 20
+    assert not {p for p, _ in splits["test"]} & ({p for p, _ in splits["train"]} | {p for p, _ in splits["val"]})
+    assert {label for _, label in splits["test"]} == {0, 1}, "stratified"
+    assert "held out 20% of" in datamodule.test_split
+    again = ImageFolderDataModule(root=str(root), test_fraction=0.2).samples["test"]
+    assert again == splits["test"], "seeded"
+
+
+def test_image_folder_test_on_val_only_when_asked_and_it_says_so(tmp_path, caplog):
+    root = make_folder(tmp_path / "images")
+    datamodule = ImageFolderDataModule(root=str(root), test_fraction=0)
+    assert datamodule.samples["test"] == datamodule.samples["val"]
+    assert "NOT held out" in datamodule.test_split and "testing on val" in caplog.text
+
+
+# -- Trainer flags that limit batches ------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["freeze", "cached"])
+@pytest.mark.parametrize("flag,check", [
+    ("overfit_batches=2", lambda t: t.num_training_batches == 2 and t.num_val_batches == [2]),
+    ("limit_train_batches=2", lambda t: t.num_training_batches == 2 and t.global_step == 4),
+    ("limit_val_batches=0.5", lambda t: t.num_val_batches == [2]),
+    ("limit_test_batches=1", lambda t: t.num_test_batches == [1]),
+    ("val_check_interval=2", lambda t: t.val_check_batch == 2),
+    ("num_sanity_val_steps=2", lambda t: t.num_sanity_val_steps == 2),
+    ("accumulate_grad_batches=2", lambda t: t.global_step == t.max_epochs * t.num_training_batches // 2),
+])
+def test_batch_limiting_trainer_flags_work_with_in_memory_loaders(tiny, strategy, flag, check):
+    from tests.conftest import fit
+
+    small_eval = ["strategy.batch_size=4"] if strategy == "cached" else []  # cached evaluates in head batches
+    trainer, _, _ = fit(tiny(f"strategy={strategy}", f"++trainer.{flag}", "data.eval_batch_size=4", *small_eval),
+                        test=True)
+    assert check(trainer), flag
+    assert "test/acc" in trainer.callback_metrics

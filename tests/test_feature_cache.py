@@ -132,3 +132,57 @@ def test_cache_cli_lists_sizes_and_clears(tiny, tmp_path, capsys):
     assert "3 entries" in listing and "test_efficientnet" in listing and "train" in listing and "KiB" in listing
     assert cache_main(["clear", "--cache-dir", cache_dir]) == 0
     assert "freed" in capsys.readouterr().out and FeatureCache(cache_dir).entries() == []
+
+
+# -- whatever decides the stored numbers changes the key, or is caught on the hit --------------------------------
+def test_a_constructor_argument_that_changes_the_forward_but_no_weight_misses(tiny):
+    prepared(tiny("strategy=cached"), [])
+    calls: list[int] = []
+    changed = prepared(tiny("strategy=cached", "+backbone.global_pool=max"), calls)
+    assert changed.report["cache_hit"] is False and sum(calls) > 3 * PROBE_SAMPLES
+
+
+def test_another_extraction_mode_misses(tiny, monkeypatch):
+    from finetune.data import cached
+
+    first = prepared(tiny("strategy=cached"), [])
+    # what a GPU run does (bf16 autocast), here on the CPU: the same weights, other numbers
+    monkeypatch.setattr(cached, "extraction_mode",
+                        lambda device: {"device": device.type, "autocast": "bfloat16", "channels_last": False})
+    changed = prepared(tiny("strategy=cached"), [])
+    assert changed.report["cache_hit"] is False
+    assert changed.report["cache_keys"]["train"] != first.report["cache_keys"]["train"]
+    assert not torch.equal(changed.splits["train"]["features"], first.splits["train"]["features"])
+
+
+def test_other_library_versions_miss(tiny, monkeypatch):
+    import timm
+
+    prepared(tiny("strategy=cached"), [])
+    monkeypatch.setattr(timm, "__version__", "99.0.0")
+    assert prepared(tiny("strategy=cached"), []).report["cache_hit"] is False
+
+
+def test_a_change_the_key_cannot_see_is_caught_by_the_probe(tiny, caplog):
+    first = prepared(tiny("strategy=cached"), [])
+    cfg = tiny("strategy=cached")
+    L.seed_everything(cfg.seed)
+    datamodule, module = build(cfg)
+    module.backbone.register_forward_hook(lambda _, __, output: output * 2)  # same weights, same key, other numbers
+    datamodule.setup("fit")
+    assert datamodule.report["cache_keys"] == first.report["cache_keys"]
+    assert datamodule.report["cache_hit"] is False and "is stale" in caplog.text
+    torch.testing.assert_close(datamodule.splits["train"]["features"], 2 * first.splits["train"]["features"])
+
+
+def test_clear_removes_only_cache_entries(tiny, tmp_path):
+    from finetune.data.cache_cli import main as cache_main
+
+    first = prepared(tiny("strategy=cached"), [])
+    root = first.cache.root
+    keep = {"metrics.json": '{"test_acc": 0.9}', "param_audit.json": "{}", "last.ckpt": "weights",
+            "notes.pt": "not ours", "0123.json": '{"key": "0123"}'}
+    for name, text in keep.items():
+        (root / name).write_text(text)
+    assert cache_main(["clear", "--cache-dir", str(root)]) == 0
+    assert sorted(p.name for p in root.iterdir()) == sorted(keep), "only the three entries and their locks went"

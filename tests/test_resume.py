@@ -57,3 +57,33 @@ def test_resuming_with_another_strategy_is_refused_clearly(tmp_path):
                      f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
     assert second.returncode == 2
     assert "error: checkpoint was trained with strategy=freeze, this run uses strategy=full" in second.stderr
+
+
+@pytest.mark.parametrize("change,named", [
+    (["strategy.modules=[conv_stem,bn1]"], "strategy.modules=[conv_stem,bn1] (checkpoint: null)"),
+    (["optimizer.lr=0.001"], "optimizer.lr=0.001 (checkpoint: 0.01)"),
+    (["head=mlp"], "head._target_=finetune.heads.MLPHead (checkpoint: finetune.heads.LinearHead)"),
+    (["trainer.max_epochs=5"], "trainer.max_epochs=5 (checkpoint: 2)"),
+])
+def test_resuming_with_a_changed_config_names_what_differs_and_how_to_restore_it(tiny, change, named):
+    from finetune.errors import ConfigError
+    from finetune.train import build
+
+    _, trained = build(tiny("strategy=freeze"))
+    checkpoint = {"finetune": {"strategy": "freeze", "config": trained.run_config}}
+    _, resuming = build(tiny("strategy=freeze", *change))
+    with pytest.raises(ConfigError, match=r"cannot resume: .*") as raised:
+        resuming.on_load_checkpoint(checkpoint)
+    message = str(raised.value)
+    assert named in message and "\n" not in message
+    restore = message.split("resume with the checkpoint's values (")[1].split(")")[0]
+    assert all("=" in pair for pair in restore.split()), "ready to paste as overrides"
+
+
+def test_resuming_with_only_paths_loggers_or_workers_changed_is_allowed(tiny, tmp_path):
+    from finetune.train import build
+
+    _, trained = build(tiny("strategy=freeze"))
+    _, resuming = build(tiny("strategy=freeze", "logger=tensorboard", "trainer.log_every_n_steps=1",
+                             "backbone.checkpoint_path=null", f"paths.log_dir={tmp_path / 'elsewhere'}"))
+    resuming.on_load_checkpoint({"finetune": {"strategy": "freeze", "config": trained.run_config}})

@@ -132,3 +132,17 @@ def test_compile_keeps_state_dict_keys_plain(tiny):
     keys = set(module.state_dict())
     module.setup("fit")
     assert set(module.state_dict()) == keys and not any("_orig_mod" in k for k in keys)
+
+
+def test_train_bn_keeps_only_batchnorm_training_so_frozen_dropout_and_drop_path_stay_off(tiny):
+    cfg = tiny("strategy=freeze", "strategy.train_bn=true", "+backbone.drop_rate=0.5", "+backbone.drop_path_rate=0.5")
+    _, module = build(cfg)
+    module.train()  # what Lightning does every epoch
+    for name, sub in module.backbone.named_modules():
+        assert sub.training == isinstance(sub, _BatchNorm), f"{name or 'backbone'} ({type(sub).__name__})"
+    images = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():  # batch statistics are deterministic; dropout and drop-path would not be
+        torch.testing.assert_close(module.backbone(images), module.backbone(images))
+    # and the audit checks those same modules
+    assert {id(m) for m in module.strategy.eval_modules(module)} == {
+        id(m) for m in module.backbone.modules() if not isinstance(m, _BatchNorm)}
