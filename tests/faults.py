@@ -46,3 +46,25 @@ class WriteWeightDigest(L.Callback):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         Path(self.output_dir, f"weights_rank{trainer.global_rank}.txt").write_text(digest.hexdigest())
+
+
+class RecordDDPWrapping(L.Callback):
+    """Writes whether the model was already wrapped in DDP at setup (where the module applies channels_last) and at
+    fit start, to <output_dir>/wrapping_rank<r>.json."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir, self.seen = output_dir, {}
+
+    def _wrapped(self, trainer) -> bool:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return isinstance(trainer.strategy.model, DistributedDataParallel)
+
+    def setup(self, trainer, module, stage):
+        self.seen["setup"] = self._wrapped(trainer)
+
+    def on_fit_start(self, trainer, module):
+        self.seen["fit_start"] = self._wrapped(trainer)
+        import json
+
+        Path(self.output_dir, f"wrapping_rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))

@@ -4,25 +4,34 @@ from __future__ import annotations
 
 import json
 
+import lightning as L
 import pytest
 import torch
 
 from finetune.data.feature_cache import FeatureCache
-from tests.conftest import TINY
+from finetune.eval import load_for_eval
+from tests.conftest import TESTS_DIR, TINY
 from tests.test_cli import run_cli
 
 DDP = [*TINY, "trainer=ddp_cpu", "trainer.max_epochs=2", "+callbacks.digest._target_=tests.faults.WriteWeightDigest",
        "+callbacks.digest.output_dir=${paths.output_dir}"]
 
 
-@pytest.mark.parametrize("strategies", ["full,no_grad", "freeze,cached"])
-def test_every_strategy_trains_under_ddp_and_ranks_end_identical(tmp_path, strategies):
+EXTENSION_CONFIGS = str(TESTS_DIR / "extension" / "configs")
+
+
+@pytest.mark.parametrize("strategies,configs", [
+    ("full,no_grad,bitfit", [f"hydra.searchpath=[file://{EXTENSION_CONFIGS}]"]),
+    ("freeze,cached,bitfit", ["-cd", EXTENSION_CONFIGS]),  # bitfit lives in the added config folder only
+])
+def test_every_strategy_trains_under_ddp_and_ranks_end_identical(tmp_path, strategies, configs):
     sweep = tmp_path / "sweep"
-    result = run_cli("finetune.train", "-m", f"strategy={strategies}", *DDP, f"hydra.sweep.dir={sweep}",
+    result = run_cli("finetune.train", "-m", *configs, f"strategy={strategies}", *DDP, f"hydra.sweep.dir={sweep}",
                      f"paths.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    # one folder per job, no stray run folders from the relaunched rank (lightning-hydra-template's duplicates)
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    # one folder per job, no stray run folders from the relaunched rank (lightning-hydra-template's duplicates); the
+    # relaunched ranks found the user's configs (-cd, hydra.searchpath) too
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
     assert not (tmp_path / "logs" / "train" / "runs").exists()
     for job, strategy in enumerate(strategies.split(",")):
         run = sweep / str(job)
@@ -30,20 +39,39 @@ def test_every_strategy_trains_under_ddp_and_ranks_end_identical(tmp_path, strat
         assert rank0 == rank1, f"{strategy}: ranks hold different weights after fit"
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["strategy"] == strategy
+        assert metrics["train_samples"] == 64 * 2, "throughput counts both ranks' samples"
         assert json.loads((run / "param_audit.json").read_text())["violations"] == []
 
 
-def test_ddp_cached_extraction_gathers_features_in_dataset_order(tmp_path):
-    ddp = run_cli("finetune.train", *TINY, "trainer=ddp_cpu", "strategy=cached", "trainer.max_epochs=1",
-                  "data.num_samples=70",  # 70 train / 17 val and test: shares of unequal size, padding to drop
-                  f"paths.cache_dir={tmp_path / 'ddp'}", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
-    reference = run_cli("finetune.train", *TINY, "strategy=cached", "trainer.max_epochs=1", "data.num_samples=70",
-                        f"paths.cache_dir={tmp_path / 'ref'}", f"hydra.run.dir={tmp_path / 'c'}", cwd=tmp_path)
+def test_ddp_cached_with_node_local_caches_gathers_in_order_and_evaluates_each_sample_once(tmp_path):
+    """Two cache folders stand in for two nodes: node0 already holds the entries (from a one-process run), node1
+    does not. Rank 0 hits, rank 1 misses: both extract, gather in dataset order, and rank 1 fills its own folder."""
+    common = [*TINY, "strategy=cached", "trainer.max_epochs=1",
+              "data.num_samples=70"]  # 70 train / 17 val and test: unequal shares, padding to drop
+    reference = run_cli("finetune.train", *common, f"paths.cache_dir={tmp_path / 'node0'}",
+                        f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-2000:]
-    gathered, expected = FeatureCache(tmp_path / "ddp"), FeatureCache(tmp_path / "ref")
-    assert {e["key"] for e in gathered.entries()} == {e["key"] for e in expected.entries()}, "same identity, same key"
-    for entry in expected.entries():
-        want, got = expected.load(entry["key"]), gathered.load(entry["key"])
+    ddp = run_cli("finetune.train", *common, "trainer=ddp_cpu", f"paths.cache_dir={tmp_path}/node${{oc.env:LOCAL_RANK,0}}",
+                  "+callbacks.wrapping._target_=tests.faults.RecordDDPWrapping",
+                  "+callbacks.wrapping.output_dir=${paths.output_dir}", f"hydra.run.dir={tmp_path / 'ddp'}",
+                  cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    node0, node1 = FeatureCache(tmp_path / "node0"), FeatureCache(tmp_path / "node1")
+    assert {e["key"] for e in node1.entries()} == {e["key"] for e in node0.entries()}, "same identity, same key"
+    for entry in node0.entries():
+        want, got = node0.load(entry["key"]), node1.load(entry["key"])
         assert torch.equal(want["labels"], got["labels"]), "dataset order, no padded duplicates"
         torch.testing.assert_close(got["features"], want["features"], rtol=1e-4, atol=1e-5)
+
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["train_samples"] == json.loads((tmp_path / "one" / "metrics.json").read_text())["train_samples"]
+    # the 17 test samples are each counted once across the two ranks: the same loss as one process on that checkpoint
+    module, images = load_for_eval(metrics["best_checkpoint"])
+    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False).test(module, datamodule=images, verbose=False)[0]
+    assert metrics["test_loss"] == pytest.approx(single["test/loss"], rel=1e-5)
+    assert metrics["test_acc"] == pytest.approx(single["test/acc"], abs=1e-6)
+
+    for rank in (0, 1):  # channels_last (on a GPU) is applied in setup, which runs before DDP wraps the model
+        assert json.loads((tmp_path / "ddp" / f"wrapping_rank{rank}.json").read_text()) == {
+            "setup": False, "fit_start": True}

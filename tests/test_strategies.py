@@ -146,3 +146,16 @@ def test_train_bn_keeps_only_batchnorm_training_so_frozen_dropout_and_drop_path_
     # and the audit checks those same modules
     assert {id(m) for m in module.strategy.eval_modules(module)} == {
         id(m) for m in module.backbone.modules() if not isinstance(m, _BatchNorm)}
+
+
+def test_channels_last_is_applied_in_setup_when_the_run_is_on_a_gpu(tiny):
+    """setup() runs before the strategy wraps the model in DDP (tests/test_ddp.py pins that order)."""
+    from types import SimpleNamespace
+
+    _, module = build(tiny("strategy=full"))
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda")))
+    module.setup("fit")
+    assert module.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    _, on_cpu = build(tiny("strategy=full"))
+    on_cpu.setup("fit")
+    assert not on_cpu.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
