@@ -30,7 +30,7 @@ def run_cli(module: str, *overrides: str, cwd: Path) -> subprocess.CompletedProc
                           env=env, timeout=300)
 
 
-@pytest.mark.parametrize("strategy", ["full", "freeze", "no_grad", "cached"])
+@pytest.mark.parametrize("strategy", ["full", "cached"])  # every strategy trains in-process in test_configs.py
 def test_fast_dev_run_from_the_command_line(tmp_path, strategy):
     run_dir = tmp_path / "run"
     result = run_cli("finetune.train", f"strategy={strategy}", "debug=fdr", *TINY, f"hydra.run.dir={run_dir}",

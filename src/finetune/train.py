@@ -71,8 +71,10 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _best_or_current(trainer: L.Trainer) -> str | None:
+    """The monitored checkpoint's best file (the first ModelCheckpoint: LastCheckpoint keeps no best), else the
+    weights as they are."""
     checkpoint = trainer.checkpoint_callback
-    return "best" if checkpoint is not None and checkpoint.best_model_path else None
+    return checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
 
 
 def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val) -> dict:

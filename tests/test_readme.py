@@ -1,0 +1,183 @@
+"""Every command the README shows runs, with small settings, so the docs cannot drift from the code.
+
+Commands that need the network are run offline and must fail with the one-line message the README promises; those
+that need a GPU or a cluster are skipped without one. A command added to the README without a way to run it here
+fails test_every_readme_command_has_a_runner.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import urllib.error
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from finetune.errors import OfflineError
+from finetune.train import train
+from tests.conftest import TESTS_DIR, compose_config, make_image_folder
+from tests.test_cli import run_cli
+
+ROOT = TESTS_DIR.parent
+# appended after the command's own overrides (the last value wins): what it composes and runs is the command's
+SMALL = ["++data.image_size=32", "++data.batch_size=16", "trainer.max_epochs=1", "++trainer.limit_train_batches=2",
+         "++trainer.limit_val_batches=2", "++trainer.limit_test_batches=2", "trainer.enable_progress_bar=false",
+         "~callbacks.progress_bar"]
+# how each kind of command is run here; `kind(command)` decides
+NOT_HERE = {"setup": "CI runs the setup command itself (.ci/run)", "tests": "the test command is this suite"}
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    lines = [line.split("  #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.splitlines()]
+    return [line.removeprefix(".venv/bin/") for line in lines if line]
+
+
+def kind(command: str) -> str | None:
+    words = shlex.split(command)
+    if command.startswith("python3 -m venv"):
+        return "setup"
+    if words[:3] == ["python", "-m", "pytest"]:
+        return "tests"
+    if words[0] == "finetune-train":
+        if "-m" in words:
+            return "sweep"
+        if any(w.startswith(("backbone=timm", "backbone=torchvision")) for w in words):
+            return "offline"
+        return "train"
+    if words[0] == "finetune-compare":
+        return "compare_from" if any(w.startswith("from=") for w in words) else "compare"
+    if words[0] in ("finetune-eval", "finetune-cache"):
+        return words[0].removeprefix("finetune-")
+    if words[0] == "finetune-bench":
+        return "bench_cuda" if "cuda" in words else "bench"
+    return None
+
+
+COMMANDS = readme_commands()
+
+
+def test_every_readme_command_has_a_runner():
+    assert len(COMMANDS) >= 15
+    assert [c for c in COMMANDS if kind(c) is None] == []
+
+
+def with_small_settings(words: list[str]) -> list[str]:
+    return [*words, *SMALL]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One feature cache, image folder and finished runs that several commands use."""
+    root = tmp_path_factory.mktemp("readme")
+    return {"root": root, "cache": root / "cache", "pets": make_image_folder(root / "pets", per_class=10)}
+
+
+def substitute(words: list[str], shared: dict) -> list[str]:
+    replaced = []
+    for word in words:
+        word = word.replace("~/pets", str(shared["pets"]))
+        word = word.replace("file://my_configs", f"file://{TESTS_DIR / 'extension' / 'configs'}")
+        replaced.append(word)
+    return replaced
+
+
+def train_in_process(shared, tmp_path, overrides: list[str]) -> dict:
+    cfg = compose_config(tmp_path, [*with_small_settings(substitute(overrides, shared)),
+                                    f"paths.cache_dir={shared['cache']}"])
+    L.seed_everything(cfg.seed)
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def main_run(shared) -> Path:
+    run_dir = shared["root"] / "main"
+    train_in_process(shared, run_dir, [])
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def sweep(shared) -> tuple[Path, object]:
+    command = next(c for c in COMMANDS if kind(c) == "sweep")
+    sweep_dir = shared["root"] / "sweep"
+    words = shlex.split(command)[1:]
+    result = run_cli("finetune.train", *with_small_settings(words), f"paths.cache_dir={shared['cache']}",
+                     f"hydra.sweep.dir={sweep_dir}", cwd=shared["root"])
+    return sweep_dir, result
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command(command, shared, tmp_path, request, monkeypatch):
+    how, words = kind(command), shlex.split(command)
+    if how in NOT_HERE:
+        pytest.skip(NOT_HERE[how])
+    if how == "bench_cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+    if how == "train":
+        metrics = train_in_process(shared, tmp_path, words[1:])
+        assert metrics["test_acc"] >= 0 and (tmp_path / "checkpoints" / "last.ckpt").exists()
+        assert json.loads((tmp_path / "param_audit.json").read_text())["violations"] == []
+    elif how == "offline":
+        import huggingface_hub.constants
+
+        def unreachable(*args, **kwargs):
+            raise urllib.error.URLError("Name or service not known")
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no retries against the hub
+        monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no weights cached from elsewhere
+        with pytest.raises(OfflineError, match=r"could not download .*offline\? pass a local file") as raised:
+            train_in_process(shared, tmp_path, words[1:])
+        assert "\n" not in str(raised.value)
+    elif how == "sweep":
+        sweep_dir, result = request.getfixturevalue("sweep")
+        assert result.returncode == 0, result.stderr[-3000:]
+        strategies = [w for w in words if w.startswith("strategy=")][0].split("=")[1].split(",")
+        done = [json.loads(p.read_text())["strategy"] for p in sorted(sweep_dir.glob("*/metrics.json"))]
+        assert done == strategies
+    elif how == "eval":
+        from finetune.eval import evaluate
+
+        main_run = request.getfixturevalue("main_run")
+        ckpt = words[1].split("=", 1)[1].replace("logs/train/runs/<run>", str(main_run))
+        result = evaluate(compose_config(tmp_path, [f"ckpt_path={ckpt}", "trainer.accelerator=cpu",
+                                                    "trainer.enable_progress_bar=false"], config_name="eval"))
+        assert result["test_acc"] == pytest.approx(json.loads((main_run / "metrics.json").read_text())["test_acc"],
+                                                   abs=0.005)
+    elif how == "compare":
+        out = tmp_path / "compare"
+        result = run_cli("finetune.compare", *with_small_settings(words[1:]), f"paths.cache_dir={shared['cache']}",
+                         f"hydra.run.dir={out}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = {r["strategy"]: r for r in map(json.loads, map(Path.read_text, out.glob("*/metrics.json")))}
+        from finetune.config import strategy_names
+
+        assert sorted(rows) == strategy_names(), "every strategy config, no list kept anywhere"
+        assert {r["epochs"] for r in rows.values()} == {1}
+        # same seed, same batches, eval-mode features: the strategies that train only the head agree
+        assert rows["freeze"]["test_acc"] == rows["no_grad"]["test_acc"] == rows["cached"]["test_acc"]
+        assert (out / "comparison.md").exists() and (out / "comparison.png").exists()
+    elif how == "compare_from":
+        sweep_dir, _ = request.getfixturevalue("sweep")
+        source = words[1].split("=", 1)[1].replace("logs/train/multiruns/<time>", str(sweep_dir))
+        result = run_cli("finetune.compare", f"from={source}", f"hydra.run.dir={tmp_path / 'report'}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "full" in result.stdout and (tmp_path / "report" / "comparison.csv").exists()
+    elif how == "cache":
+        from finetune.data.cache_cli import main as cache_main
+
+        request.getfixturevalue("main_run")  # fills the cache
+        assert cache_main([*words[1:], "--cache-dir", str(shared["cache"])]) == 0
+    elif how in ("bench", "bench_cuda"):
+        from finetune.bench import benchmark
+
+        tiny = ["--models", "test_efficientnet", "--image-size", "32", "--batch-size", "4", "--cached-batch-size",
+                "16", "--num-classes", "5", "--warmup", "1", "--steps", "2", "--repeats", "1", "--no-naive",
+                "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "bench.json")]
+        assert benchmark([*words[1:], *tiny])
