@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from finetune.data.base import (SPLITS, ImageDataModule, IndexBatchDataset, IndexBatchLoader, SplitLoaders,
-                                index_batch_loader, world_and_rank)
 from finetune.callbacks.run_meter import peak_memory_mb, reset_peak_memory
 from finetune.config import native_bf16
+from finetune.data.base import (SPLITS, ImageDataModule, IndexBatchDataset, IndexBatchLoader, SplitLoaders,
+                                index_batch_loader, world_and_rank)
 from finetune.data.feature_cache import FeatureCache, weights_digest
 
 log = logging.getLogger(__name__)
@@ -115,22 +115,22 @@ class CachedFeatureDataModule(SplitLoaders):
     def num_classes(self) -> int:
         return self.images.num_classes
 
-    def identity(self, split: str, digest: str, device: torch.device) -> dict:
-        """Everything that decides the stored numbers; any change gives another key."""
+    def identity(self, device: torch.device) -> dict:
+        """Everything that decides the stored numbers, but the split; any change gives another key."""
         backbone_config = {k: v for k, v in ((self.module.run_config or {}).get("backbone") or {}).items()
                            if k not in WEIGHT_SOURCE_KEYS}
-        return {"backbone": self.module.backbone_name, "backbone_config": backbone_config, "weights": digest,
-                "preprocessing": self.images.preprocessing, "dataset": self.images.dataset_id, "split": split,
-                "num_samples": len(self.images.split_dataset(split)), "dtype": str(self.dtype),
-                "extraction": extraction_mode(device), "code": code_versions(self.images)}
+        return {"backbone": self.module.backbone_name, "backbone_config": backbone_config,
+                "weights": weights_digest(self.module.backbone), "preprocessing": self.images.preprocessing,
+                "dataset": self.images.dataset_id, "dtype": str(self.dtype), "extraction": extraction_mode(device),
+                "code": code_versions(self.images)}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        digest = weights_digest(self.module.backbone)
+        shared = self.identity(device)
         for split in SPLITS:
-            identity = self.identity(split, digest, device)
+            identity = {**shared, "split": split, "num_samples": len(self.images.split_dataset(split))}
             key = self.cache.key(identity)
             self.report["cache_keys"][split] = key
             self.splits[split] = self._load_or_extract(split, key, identity, device)
