@@ -107,7 +107,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     right.bar(names, [row["peak_memory_mb"] for row in rows], color=colors)
     device = rows[0].get("device", "") if rows else ""
     right.set_ylabel("peak memory, MB " + ("(CUDA max allocated)" if device.startswith("cuda") else "(process RSS)"))
-    right.set_title("peak memory during fit")
+    right.set_title("peak memory (fit; cached: the larger of fit and extraction)")
     for i, row in enumerate(rows):
         right.annotate(f"{row['peak_memory_mb']:,.0f}", (i, row["peak_memory_mb"]), ha="center", va="bottom")
     fig.suptitle(title)
