@@ -18,11 +18,16 @@ def test_benchmark_measures_template_raw_and_naive_for_every_strategy(tmp_path):
     assert [r["strategy"] for r in rows] == strategy_names(), "every strategy config, none listed by hand"
     for row in rows:
         assert row["template_samples_per_second"] > 0 and row["raw_samples_per_second"] > 0
-        ratio = row["template_samples_per_second"] / row["raw_samples_per_second"]
-        assert abs(row["template_over_raw"] - ratio) < 2e-3, "ratio of the (unrounded) medians"
+        template, raw = row["template_samples_per_second"], row["raw_samples_per_second"]
+        ratio = template / raw
+        # the rates are rounded to 0.1 and the ratio to 0.001: equal within what that rounding allows (a loaded
+        # machine can make these tiny runs slow enough for the rates' rounding to show)
+        assert abs(row["template_over_raw"] - ratio) <= ratio * (0.05 / template + 0.05 / raw) + 5e-4, \
+            "ratio of the (unrounded) medians"
         assert (row["naive_samples_per_second"] is None) == (row["strategy"] == "cached"), "naive: image inputs only"
         assert row["memory_vs_full"] is not None
-        assert row["meets_goal"] == (ratio >= 0.9) or abs(ratio - 0.9) < 2e-3, "the CPU goal, 0.9, marks the row"
+        goal_met = row["template_over_raw"] >= 0.9
+        assert row["meets_goal"] == goal_met or abs(row["template_over_raw"] - 0.9) <= 5e-4, "the CPU goal marks it"
     report = json.loads(out.read_text())
     runners = {(m["strategy"], m["runner"]) for m in report["measurements"]}
     assert ("full", "naive") in runners and ("cached", "raw") in runners
