@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from finetune.config import FAILURE_FILE
+
 COLUMNS = [  # (metrics.json key, column header, format)
     ("strategy", "strategy", "{}"),
     ("test_acc", "test acc", "{:.4f}"),
@@ -19,9 +21,6 @@ COLUMNS = [  # (metrics.json key, column header, format)
     ("extract_seconds", "extract s", "{:.1f}"),
     ("cache_hit", "cache hit", "{}"),
 ]
-FAILURE_FILE = "failure.json"
-
-
 def collect_runs(folder: str | Path) -> list[dict]:
     """metrics.json of every run under `folder` (a compare output or a `finetune-train -m` multirun folder), and a
     row with `failed: true` and the error for every run that wrote failure.json instead.
