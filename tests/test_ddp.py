@@ -75,3 +75,15 @@ def test_ddp_cached_with_node_local_caches_gathers_in_order_and_evaluates_each_s
     for rank in (0, 1):  # channels_last (on a GPU) is applied in setup, which runs before DDP wraps the model
         assert json.loads((tmp_path / "ddp" / f"wrapping_rank{rank}.json").read_text()) == {
             "setup": False, "fit_start": True}
+
+
+def test_the_rank_relaunch_keeps_config_flags_and_user_hydra_overrides_but_not_the_sweep():
+    from finetune.distributed import job_command_line
+
+    argv = ["-m", "-cd", "my_configs", "--config-name=my_train", "-cp", "/abs/primary", "strategy=full,freeze",
+            "hydra.searchpath=[file://more]", "hydra.sweep.dir=/sweeps/x"]
+    hydra = ["hydra.searchpath=[file://more]", "hydra.sweep.dir=/sweeps/x", "hydra.mode=MULTIRUN",
+             "hydra/launcher=basic"]
+    assert job_command_line(argv, hydra, ["strategy=freeze"]) == [
+        "-cd", "my_configs", "--config-name=my_train", "-cp", "/abs/primary", "hydra.searchpath=[file://more]",
+        "strategy=freeze"]
