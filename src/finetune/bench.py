@@ -114,9 +114,11 @@ class SteadyStateTimer(L.Callback):
         self.rate = self.samples / (time.perf_counter() - self.start)
 
 
-def make_module(backbone, strategy: str, num_classes: int, channels_last: bool, cache_dir: str) -> FinetuneModule:
-    return FinetuneModule(backbone=backbone, head=LinearHead, strategy=build_strategy(strategy, cache_dir=cache_dir),
-                          num_classes=num_classes, channels_last=channels_last,
+def make_module(args, backbone, strategy: str, channels_last: bool) -> FinetuneModule:
+    # cache_dir and batch_size reach only strategies whose config has them (cached: its head batch)
+    built = build_strategy(strategy, cache_dir=args.cache_dir, batch_size=args.cached_batch_size)
+    return FinetuneModule(backbone=backbone, head=LinearHead, strategy=built, num_classes=args.num_classes,
+                          channels_last=channels_last,
                           optimizer=partial(torch.optim.AdamW, lr=LR, weight_decay=WEIGHT_DECAY),
                           scheduler=partial(warmup_cosine, warmup_fraction=0.05))
 
@@ -127,8 +129,6 @@ def training_data(args, module, batches, features, device, naive: bool):
     images = FixedBatches(batches, args.image_size, args.num_classes)
     datamodule = module.strategy.wrap_datamodule(images, module)
     if isinstance(datamodule, CachedFeatureDataModule):
-        datamodule = CachedFeatureDataModule(images, module, cache_dir=args.cache_dir,
-                                             batch_size=args.cached_batch_size)
         datamodule.use_features({"train": {"features": features[0], "labels": features[1]}}, device)
         return datamodule, args.cached_batch_size, "features"
     if naive:  # float32 images on the host, per-sample collation, no device-side preprocessing
@@ -143,7 +143,7 @@ def fit_template(args, model_name, strategy, batches, features, device, naive=Fa
     backbone = build_backbone(model_name)
     precision = "32-true" if naive or device.type == "cpu" else "bf16-mixed"
     torch.set_float32_matmul_precision("highest" if naive else "high")
-    module = make_module(backbone, strategy, args.num_classes, channels_last=not naive, cache_dir=args.cache_dir)
+    module = make_module(args, backbone, strategy, channels_last=not naive)
     steps = args.warmup + args.steps
     datamodule, batch_size, inputs = training_data(args, module, batches, features, device, naive)
     timer = SteadyStateTimer(args.warmup)
@@ -161,8 +161,7 @@ def fit_template(args, model_name, strategy, batches, features, device, naive=Fa
 def fit_raw(args, model_name, strategy, batches, features, device) -> Measurement:
     """The same work as the template in a plain PyTorch loop: the same model and strategy (what trains, which parts
     stay in eval mode, how the backbone runs), batches, precision, memory format, optimizer groups and schedule."""
-    module = make_module(build_backbone(model_name), strategy, args.num_classes, channels_last=True,
-                         cache_dir=args.cache_dir)
+    module = make_module(args, build_backbone(model_name), strategy, channels_last=True)
     torch.set_float32_matmul_precision("high")
     torch.backends.cudnn.benchmark = True
     module.to(device)
