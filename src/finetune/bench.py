@@ -37,7 +37,7 @@ from finetune.data.base import TensorImageDataModule
 from finetune.data.cached import CachedFeatureDataModule
 from finetune.heads import LinearHead
 from finetune.module import FinetuneModule
-from finetune.optim import warmup_cosine, weight_decay_groups
+from finetune.optim import WarmupCosine, warmup_cosine, weight_decay_groups
 
 LR, WEIGHT_DECAY = 1e-3, 0.01
 GOAL = {"cuda": 0.97, "cpu": 0.9}  # template/raw
@@ -120,7 +120,7 @@ def make_module(args, backbone, strategy: str, channels_last: bool) -> FinetuneM
     return FinetuneModule(backbone=backbone, head=LinearHead, strategy=built, num_classes=args.num_classes,
                           channels_last=channels_last,
                           optimizer=partial(torch.optim.AdamW, lr=LR, weight_decay=WEIGHT_DECAY),
-                          scheduler=partial(warmup_cosine, warmup_fraction=0.05))
+                          scheduler=WarmupCosine(warmup_fraction=0.05))
 
 
 def training_data(args, module, batches, features, device, naive: bool):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import Backbone
 from finetune.errors import ConfigError
-from finetune.optim import weight_decay_groups
+from finetune.optim import constant, param_groups, phased_schedule
 from finetune.strategies import FreezingStrategy
 
 
@@ -23,8 +24,9 @@ STAGES = ("train", "val", "test")
 class FinetuneModule(LightningModule):
     def __init__(self, backbone: Backbone, head: Callable[..., nn.Module], strategy: FreezingStrategy,
                  num_classes: int, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 scheduler: Callable[..., Any] | None = None, channels_last: bool = True, compile: bool = False,
-                 run_config: dict | None = None):
+                 scheduler: Callable[[int, int], float] | None = None, channels_last: bool = True,
+                 compile: bool = False, run_config: dict | None = None, layer_decay: float | None = None,
+                 lr_mult: dict[str, float] | None = None):
         super().__init__()
         # the whole resolved run config, so every logger (CSV hparams.yaml, TensorBoard's HPARAMS, MLflow params) can
         # tell runs apart by strategy, lr, backbone ...; Lightning logs these once, at fit start
@@ -36,7 +38,8 @@ class FinetuneModule(LightningModule):
         self.head = head(in_features=backbone.num_features, num_classes=num_classes)
         self.strategy = strategy
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
-        self.scheduler_factory = scheduler
+        self.schedule_shape = scheduler or constant  # lr factor at (step in segment, segment length)
+        self.layer_decay, self.lr_mult = layer_decay, dict(lr_mult or {})
         self.run_config = run_config
         self.criterion = nn.CrossEntropyLoss()
         # Per-stage metrics accumulate on the device every step and are logged once an epoch: Lightning's self.log
@@ -60,6 +63,8 @@ class FinetuneModule(LightningModule):
         """Runs before the strategy moves the model and wraps it in DDP, whose gradient buckets follow the parameters'
         strides as they are then: channels_last must come first (after wrapping, every step would copy gradients)."""
         device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+        if stage == "fit" and self._trainer is not None:
+            self.strategy.before_wrap(self, self._trainer)
         if device.type == "cuda" and self.hparams.channels_last and self.backbone_is_conv:
             self.backbone.to(memory_format=torch.channels_last)
         if self.hparams.compile and not getattr(self, "_compiled", False):
@@ -97,6 +102,10 @@ class FinetuneModule(LightningModule):
             self.log("train/loss_step", loss.detach(), prog_bar=True, batch_size=len(batch[-1]))
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        """Enter the phase of this epoch (also the first epoch of a resumed run): which parts train, their modes."""
+        self.strategy.enter_phase(self, self.strategy.phase_at(self.current_epoch))
+
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
 
@@ -120,12 +129,25 @@ class FinetuneModule(LightningModule):
         named = self.strategy.trainable_parameters(self)
         if not named:
             raise ConfigError(f"strategy {self.strategy.name!r} left no trainable parameter")
-        weight_decay = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-        optimizer = self.optimizer_factory(weight_decay_groups(named, weight_decay))
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        settings = getattr(self.optimizer_factory, "keywords", {})
+        lr, weight_decay = float(settings.get("lr", 1e-3)), float(settings.get("weight_decay", 0.0))
+        phases = self.strategy.phases()
+        groups, group_phase_mults = param_groups(self, named, lr, weight_decay, self.layer_decay, self.lr_mult,
+                                                 [phase.lr_mult for phase in phases])
+        optimizer = self.optimizer_factory(groups)
+        trainer = self.trainer
+        total_steps = trainer.estimated_stepping_batches
+        steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        starts, epoch = [], 0
+        for phase in phases:
+            starts.append(epoch * steps_per_epoch)
+            epoch += phase.epochs or 0
+        if not math.isfinite(total_steps):  # max_epochs=-1 and no max_steps: segments end with their phase
+            total_steps = max(epoch, 1) * steps_per_epoch
+        scheduler = phased_schedule(optimizer, int(total_steps), self.schedule_shape, starts,
+                                    [float(p.lr) / lr if p.lr is not None else 1.0 for p in phases],
+                                    [p.schedule == "restart" for p in phases], group_phase_mults)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -19,6 +19,7 @@ from finetune.errors import ConfigError
 from finetune.module import FinetuneModule
 
 log = logging.getLogger("finetune")
+LR_LAYOUT_KEYS = ("layer_decay", "lr_mult")
 
 
 def build_images_and_module(cfg: DictConfig, backbone_overrides: dict | None = None,
@@ -32,10 +33,15 @@ def build_images_and_module(cfg: DictConfig, backbone_overrides: dict | None = N
     images = instantiate(cfg.data, **(data_overrides or {}))
     images.configure_preprocessing(backbone.data_config)
     backbone.check_input_size(images.image_size)
+    # per-layer learning rates are ours, not the optimizer's keyword arguments
+    optimizer = OmegaConf.masked_copy(cfg.optimizer, [k for k in cfg.optimizer if k not in LR_LAYOUT_KEYS])
+    lr_layout = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+                 for k, v in cfg.optimizer.items() if k in LR_LAYOUT_KEYS}
     module = FinetuneModule(backbone=backbone, head=instantiate(cfg.head), strategy=strategy,
-                            num_classes=images.num_classes, optimizer=instantiate(cfg.optimizer),
+                            num_classes=images.num_classes, optimizer=instantiate(optimizer),
                             scheduler=instantiate(cfg.scheduler), channels_last=cfg.get("channels_last", True),
-                            compile=cfg.get("compile", False), run_config=OmegaConf.to_container(cfg, resolve=True))
+                            compile=cfg.get("compile", False), run_config=OmegaConf.to_container(cfg, resolve=True),
+                            **lr_layout)
     return images, module
 
 

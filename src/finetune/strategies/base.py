@@ -6,6 +6,7 @@ modules must stay in eval mode; the audit asks which parameters and buffers must
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,8 +18,45 @@ if TYPE_CHECKING:
     from finetune.module import FinetuneModule
 
 
+@dataclass
+class Phase:
+    """A stretch of training with one set of trainable parts. Single-phase strategies have one, for the whole fit."""
+    epochs: int | None = None  # None: until the end of training (the last phase only)
+    train: list[str] = field(default_factory=list)  # what unfreezes at its start: head, all, or backbone parts
+    lr: float | None = None  # this phase's base lr; None: optimizer.lr
+    lr_mult: dict[str, float] = field(default_factory=dict)  # per-part lr multipliers in this phase
+    schedule: str = "restart"  # restart: the lr schedule starts afresh (warmup, cosine); continue: it goes on
+    inputs: str = "images"  # cached: the head trains on stored features (only before any backbone part trains)
+    name: str | None = None
+
+
+def phase_field_names() -> list[str]:
+    return [f.name for f in fields(Phase)]
+
+
 class FreezingStrategy:
     name: str = "base"
+    current_phase: int = 0
+
+    def phases(self) -> list[Phase]:
+        """The phases of a fit; staged strategies (gradual, lp_ft) have several."""
+        return [Phase()]
+
+    def phase_at(self, epoch: int) -> int:
+        """Which phase an epoch belongs to."""
+        start, index = 0, 0
+        for k, phase in enumerate(self.phases()):
+            if epoch >= start:
+                index = k
+            start += phase.epochs or 0
+        return index
+
+    def enter_phase(self, module: FinetuneModule, index: int) -> None:
+        """At every epoch start: make the parts of phase `index` trainable (a resumed run re-enters its phase)."""
+        self.current_phase = index
+
+    def before_wrap(self, module: FinetuneModule, trainer) -> None:
+        """In setup, before the strategy wraps the model (DDP builds its reducer from what requires grad then)."""
 
     def prepare(self, module: FinetuneModule) -> None:
         """Once, before the optimizer is built: set requires_grad and the modes of frozen parts."""
@@ -28,8 +66,12 @@ class FreezingStrategy:
         return backbone(images)
 
     def frozen_names(self, module: FinetuneModule) -> set[str]:
-        """Names (as in named_parameters()/named_buffers()) that fit must leave bitwise unchanged."""
+        """Names (as in named_parameters()/named_buffers()) that the current phase must leave bitwise unchanged."""
         return set()
+
+    def never_trained_names(self, module: FinetuneModule) -> set[str]:
+        """Frozen in every phase: what must still equal the model as built when fit ends (also across a resume)."""
+        return self.frozen_names(module)
 
     def eval_modules(self, module: FinetuneModule) -> list[nn.Module]:
         """Every module that stays in eval mode for the whole fit, whatever Lightning switches (containers and their
