@@ -68,3 +68,33 @@ class RecordDDPWrapping(L.Callback):
         import json
 
         Path(self.output_dir, f"wrapping_rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
+
+
+class RecordLearningRates(L.Callback):
+    """Appends, at every optimizer step, `{"step", "names", "lrs"}` as a JSON line to `path` (across resumed runs)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        import json
+
+        groups = trainer.optimizers[0].param_groups
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": trainer.global_step, "names": [g.get("name") for g in groups],
+                                     "lrs": [g["lr"] for g in groups]}) + "\n")
+
+
+class WriteEpochWeightDigest(WriteWeightDigest):
+    """After every training epoch, every rank writes a digest of its weights to weights_rank<r>_epoch<e>.txt."""
+
+    def on_fit_end(self, trainer, module):
+        pass
+
+    def on_train_epoch_end(self, trainer, module):
+        digest = hashlib.sha256()
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        Path(self.output_dir, f"weights_rank{trainer.global_rank}_epoch{trainer.current_epoch}.txt").write_text(
+            digest.hexdigest())

@@ -26,6 +26,10 @@ EXTRA = {
     "data=digits": ["data.image_size=32"],
     "data=image_folder": ["data.num_workers=0", "data.image_size=32", "data.batch_size=4"],
     "data=torchvision": ["data.name=MNIST", "data.download=false", "data.num_workers=0", "data.image_size=32"],
+    # staged strategies: enough epochs for their phases (phases longer than the run are refused)
+    "strategy=gradual": ["trainer.max_epochs=4"],
+    "strategy=gradual_backbone_finetuning": ["trainer.max_epochs=6"],
+    "strategy=lp_ft": ["trainer.max_epochs=11"],
     "experiment=slurm_multinode": ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=1",
                                    "trainer.strategy=auto"],
 }

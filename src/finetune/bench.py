@@ -114,9 +114,24 @@ class SteadyStateTimer(L.Callback):
         self.rate = self.samples / (time.perf_counter() - self.start)
 
 
-def make_module(args, backbone, strategy: str, channels_last: bool) -> FinetuneModule:
+def measured_strategy(name: str, cache_dir: str, batch_size: int):
+    """The strategy a benchmark row measures: a staged one (gradual, lp_ft) in its last phase, its steady state."""
     # cache_dir and batch_size reach only strategies whose config has them (cached: its head batch)
-    built = build_strategy(strategy, cache_dir=args.cache_dir, batch_size=args.cached_batch_size)
+    built = build_strategy(name.split("@")[0], cache_dir=cache_dir, batch_size=batch_size)
+    return built.phase_alone(len(built.phases()) - 1) if len(built.phases()) > 1 else built
+
+
+def bench_strategy_names() -> list[str]:
+    """Every strategy config; staged ones as `<name>@<last phase>`."""
+    names = []
+    for name in strategy_names():
+        built = build_strategy(name)
+        names.append(measured_strategy(name, "unused", 1).name if len(built.phases()) > 1 else name)
+    return names
+
+
+def make_module(args, backbone, strategy: str, channels_last: bool) -> FinetuneModule:
+    built = measured_strategy(strategy, args.cache_dir, args.cached_batch_size)
     return FinetuneModule(backbone=backbone, head=LinearHead, strategy=built, num_classes=args.num_classes,
                           channels_last=channels_last,
                           optimizer=partial(torch.optim.AdamW, lr=LR, weight_decay=WEIGHT_DECAY),
@@ -297,7 +312,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--models", nargs="+", default=None, help="efficientnet_lite0 (bundled weights) or any timm name")
-    parser.add_argument("--strategies", nargs="+", default=strategy_names(), choices=strategy_names())
+    parser.add_argument("--strategies", nargs="+", default=bench_strategy_names(), choices=bench_strategy_names())
     parser.add_argument("--image-size", type=int, default=None, help="default: 224 on cuda, 64 on cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on cuda, 32 on cpu")
     parser.add_argument("--cached-batch-size", type=int, default=None,

@@ -102,8 +102,13 @@ class FinetuneModule(LightningModule):
             self.log("train/loss_step", loss.detach(), prog_bar=True, batch_size=len(batch[-1]))
         return loss
 
+    def on_train_start(self) -> None:
+        """Enter the phase of the epoch training starts in: a run resumed mid-epoch gets no on_train_epoch_start for
+        that epoch (pinned by tests/test_staged.py's kill mid-phase-2)."""
+        self.strategy.enter_phase(self, self.strategy.phase_at(self.current_epoch))
+
     def on_train_epoch_start(self) -> None:
-        """Enter the phase of this epoch (also the first epoch of a resumed run): which parts train, their modes."""
+        """Enter the phase of this epoch: which parts train, and their modes."""
         self.strategy.enter_phase(self, self.strategy.phase_at(self.current_epoch))
 
     def on_train_epoch_end(self) -> None:

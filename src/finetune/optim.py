@@ -63,17 +63,20 @@ def backbone_layers(backbone: nn.Module) -> tuple[dict[str, int], list[str]]:
 
 
 def _common_name(names: list[str]) -> str:
-    """The longest dotted prefix the parameter names share, or their top-level names joined: `blocks.5.3`,
-    `conv_stem+bn1`."""
-    parts = [n.split(".")[:-1] for n in names]
-    prefix = []
-    for level in zip(*parts):
-        if len(set(level)) > 1:
-            break
-        prefix.append(level[0])
-    if prefix:
-        return ".".join(prefix)
-    return "+".join(dict.fromkeys(n.split(".")[0] for n in names))
+    """A readable name for a layer's parameters: per top-level module, the dotted prefix they share, joined with
+    `+`: `blocks.5.3`, `conv_stem+bn1`, `blocks.6.0+conv_head+bn2`."""
+    by_top: dict[str, list[list[str]]] = {}
+    for name in names:
+        by_top.setdefault(name.split(".")[0], []).append(name.split(".")[:-1] or [name])
+    parts = []
+    for paths in by_top.values():
+        prefix = []
+        for level in zip(*paths):
+            if len(set(level)) > 1:
+                break
+            prefix.append(level[0])
+        parts.append(".".join(prefix))
+    return "+".join(parts)
 
 
 def longest_prefix(name: str, prefixes: Iterable[str]) -> str | None:

@@ -17,6 +17,7 @@ COLUMNS = [  # (metrics.json key, column header, format)
     ("train_samples_per_second", "train samples/s", "{:,.0f}"),
     ("peak_memory_mb", "peak memory MB", "{:,.0f}"),
     ("trainable_params", "trainable params", "{:,}"),
+    ("feature_drift", "feature drift", "{:.4f}"),
     ("total_params", "total params", "{:,}"),
     ("extract_seconds", "extract s", "{:.1f}"),
     ("cache_hit", "cache hit", "{}"),
@@ -78,6 +79,17 @@ def format_text(rows: list[dict]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, body), *failure_lines(rows)])
 
 
+def validation_curve(run_dir: str | Path) -> list[tuple[float, float]]:
+    """(seconds since fit start, val/acc) per validation, from the run's CSV log (RunMeter logs the time)."""
+    points = []
+    for log in sorted(Path(run_dir).glob("**/metrics.csv")):
+        with open(log, newline="") as handle:
+            for record in csv.DictReader(handle):
+                if record.get("val/acc") and record.get("time/elapsed_seconds"):
+                    points.append((float(record["time/elapsed_seconds"]), float(record["val/acc"])))
+    return sorted(points)
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -87,7 +99,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     names = [row["strategy"] for row in rows]
     colors = [plt.cm.tab10(i) for i in range(len(rows))]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.4))
     for i, (row, color) in enumerate(zip(rows, colors)):
         total = row["fit_seconds"] + (row.get("extract_seconds") or 0.0)
         left.scatter(total, 100 * row["test_acc"], s=90, color=color, zorder=3, label=row["strategy"])
@@ -103,10 +115,22 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     left.set_ylabel("test accuracy, %")
     left.set_title("accuracy against training time")
     left.grid(True, which="both", alpha=0.3)
+    for row, color in zip(rows, colors):
+        curve = validation_curve(row["run_dir"]) if row.get("run_dir") else []
+        if curve:
+            middle.plot(*zip(*[(t, 100 * acc) for t, acc in curve]), marker=".", color=color, label=row["strategy"])
+    middle.set_xlabel("wall time since fit start, seconds (log)")
+    middle.set_xscale("log")
+    middle.set_ylabel("validation accuracy, %")
+    middle.set_title("validation accuracy during fit")
+    middle.grid(True, which="both", alpha=0.3)
+    if middle.lines:
+        middle.legend(loc="lower right", fontsize=8)
     right.bar(names, [row["peak_memory_mb"] for row in rows], color=colors)
     device = rows[0].get("device", "") if rows else ""
     right.set_ylabel("peak memory, MB " + ("(CUDA max allocated)" if device.startswith("cuda") else "(process RSS)"))
     right.set_title("peak memory (fit; cached: the larger of fit and extraction)")
+    right.tick_params(axis="x", labelrotation=30)
     for i, row in enumerate(rows):
         right.annotate(f"{row['peak_memory_mb']:,.0f}", (i, row["peak_memory_mb"]), ha="center", va="bottom")
     fig.suptitle(title)

@@ -16,6 +16,7 @@ from finetune.config import CONFIG_DIR, instantiate, report_user_errors
 from finetune.data import ImageDataModule
 from finetune.distributed import ddp_ranks_join_this_job
 from finetune.errors import ConfigError
+from finetune.feature_drift import feature_drift
 from finetune.module import FinetuneModule
 
 log = logging.getLogger("finetune")
@@ -117,6 +118,11 @@ def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val) -> di
     audit = next((c for c in trainer.callbacks if isinstance(c, FreezeAudit)), None)
     if audit is not None and audit.report is not None:
         metrics["audit_violations"] = len(audit.report["violations"])
+        metrics["phases"] = len(audit.report["phases"])
+    if audit is not None and hasattr(audit, "initial") and trainer.is_global_zero:
+        pretrained = {n[len("backbone."):]: t for n, t in audit.initial.items() if n.startswith("backbone.")}
+        metrics["feature_drift"] = round(feature_drift(module.backbone, pretrained, images,
+                                                       getattr(images, "eval_batch_size", 256)), 6)
     return metrics
 
 

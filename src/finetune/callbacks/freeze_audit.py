@@ -74,7 +74,7 @@ class FreezeAudit(Callback):
             "in_optimizer": len(self.in_optimizer), "trainable_numel": sum(p.numel() for n, p in
                                                                           module.named_parameters() if n in trainable)})
         for name in sorted(trainable - self.in_optimizer):
-            self.violations.append(f"{name} is trainable in phase {index} but is not in the optimizer")
+            self.violations.append(f"{name} is declared trainable but is not in the optimizer (phase {index})")
 
     def _close_phase(self, module) -> None:
         if self._phase is None:
@@ -83,8 +83,8 @@ class FreezeAudit(Callback):
         changed = [name for _, name, t in self._tensors(module) if not torch.equal(start[name], t.detach().cpu())]
         record["changed"] = len(changed)
         record["changed_names"] = changed
-        for name in changed:
-            if name in self._phase["frozen"]:
+        for name in changed:  # never-trained tensors are checked against the model as built at fit end
+            if name in self._phase["frozen"] and name not in self.never_trained:
                 self.violations.append(f"{name} is frozen in phase {record['phase']} but changed during it")
         self._phase = None
 

@@ -72,6 +72,11 @@ class RunMeter(Callback):
         self._validation_seconds += time.perf_counter() - self._validation_start
         del self._validation_start
 
+    def on_validation_epoch_end(self, trainer, module) -> None:
+        """Wall time since fit start beside each epoch's val metrics: the report's accuracy-against-time curves."""
+        if not trainer.sanity_checking and hasattr(self, "_fit_start"):
+            module.log("time/elapsed_seconds", time.perf_counter() - self._fit_start, rank_zero_only=True)
+
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
         if self._epoch_start is None:  # a run resumed mid-epoch gets no on_train_epoch_start for that epoch
             self._epoch_start, self._validation_seconds = time.perf_counter(), 0.0

@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from finetune.errors import ConfigError
 from finetune.optim import backbone_layers, check_part_names
 from finetune.strategies.base import FreezingStrategy, Phase, phase_field_names
+from finetune.strategies.cached import CachedFeatures
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,10 @@ class GradualUnfreezing(FreezingStrategy):
         for name, param in module.named_parameters():
             param.requires_grad_(name in trainable)
         self.current_phase, self._entered, self._trainable = index, index, trainable
-        self.restore_eval_modes(module)
+        if module.training:  # parts unfrozen now go back to train mode, those still frozen stay in eval
+            module.train(True)
+        else:
+            self.restore_eval_modes(module)
 
     def before_wrap(self, module, trainer) -> None:
         self.check_epochs(trainer.max_epochs)
@@ -229,9 +233,21 @@ class GradualUnfreezing(FreezingStrategy):
         owner = module.get_submodule(tensor_name.rsplit(".", 1)[0]) if "." in tensor_name else module
         return isinstance(owner, _BatchNorm)
 
+    def phase_alone(self, index: int) -> GradualUnfreezing:
+        """Phase `index` as a strategy of its own, from the first step, with what earlier phases unfroze trainable
+        too: what the benchmark measures of a staged strategy (its steady-state cost in that phase)."""
+        phase = self.phase_list[index]
+        trained = [t for p in self.phase_list[:index + 1] for t in p.train]
+        alone = {"train": trained, "lr": phase.lr, "lr_mult": phase.lr_mult, "inputs": phase.inputs,
+                 "name": phase.name}
+        return GradualUnfreezing([alone], self.train_bn, self.keep_frozen, f"{self.name}@{phase.name or index}",
+                                 **self.cache)
+
     def wrap_datamodule(self, datamodule, module):
         if not any(p.inputs == "cached" for p in self.phase_list):
             return datamodule
+        if all(p.inputs == "cached" for p in self.phase_list):
+            return CachedFeatures(**self.cache).wrap_datamodule(datamodule, module)
         from finetune.data.cached import CachedFeatureDataModule
         from finetune.data.phased import PhaseInputs
 
