@@ -105,15 +105,17 @@ def test_layer_decay_gives_each_timm_layer_its_own_named_group_with_a_real_lr(tm
         fit(compose_config(tmp_path, [*TINY, "strategy=full", "optimizer.lr_mult={nope:2.0}", "++trainer.max_steps=1"]))
 
 
-@pytest.mark.parametrize("train_bn", [False, True])
-def test_each_phase_trains_its_parts_with_frozen_batchnorm_in_eval_and_the_audit_proves_it(tmp_path, train_bn):
-    cfg = compose_config(tmp_path, [*TINY, *GRADUAL, f"strategy.train_bn={str(train_bn).lower()}"])
+@pytest.mark.parametrize("train_bn,freeze_bn_stats", [(False, False), (True, False), (False, True)])
+def test_each_phase_trains_its_parts_with_frozen_batchnorm_in_eval_and_the_audit_proves_it(tmp_path, train_bn,
+                                                                                          freeze_bn_stats):
+    cfg = compose_config(tmp_path, [*TINY, *GRADUAL, f"strategy.train_bn={str(train_bn).lower()}",
+                                    f"strategy.freeze_bn_stats={str(freeze_bn_stats).lower()}"])
     steps, audit, module = fit_recorded(cfg)
     stem_bn, top_bn = "backbone.bn1", "backbone.blocks.4.0.bn1"
     for record in steps:
         phase = min(record["epoch"], 2)
-        assert record["bn_training"][top_bn] == (phase >= 1 or train_bn), record["step"]
-        assert record["bn_training"][stem_bn] == (phase >= 2 or train_bn), record["step"]
+        assert record["bn_training"][top_bn] == ((phase >= 1 or train_bn) and not freeze_bn_stats), record["step"]
+        assert record["bn_training"][stem_bn] == ((phase >= 2 or train_bn) and not freeze_bn_stats), record["step"]
         unfrozen = {0: ("head",), 1: ("head", *TOP), 2: ("head", "backbone")}[phase]
         expected = {n for n, _ in module.named_parameters() if under(n, unfrozen)}
         if train_bn:
@@ -129,6 +131,9 @@ def test_each_phase_trains_its_parts_with_frozen_batchnorm_in_eval_and_the_audit
     assert any(n.startswith("backbone.blocks.4") for n in top_phase["changed_names"])
     assert any(n.startswith("backbone.conv_stem") for n in all_phase["changed_names"])
     assert head_phase["in_optimizer"] == top_phase["in_optimizer"] == len(list(module.parameters()))
+    buffers = [n for n, _ in module.named_buffers() if ".running_" in n]
+    assert any(n in all_phase["changed_names"] for n in buffers) != freeze_bn_stats, \
+        "freeze_bn_stats: every running statistic stays the pretrained one, also once its part is unfrozen"
 
 
 class TouchFrozenStem(L.Callback):

@@ -1,6 +1,7 @@
 """gradual: training in phases, each unfreezing more (`train`: head, backbone parts, or all; cumulative), each with its
 own lr, per-part lr multipliers and schedule restart. In a phase, parts not yet unfrozen have requires_grad=False and
-stay in eval mode (their BatchNorm too, unless train_bn). The optimizer holds, from the first step, every parameter that
+stay in eval mode (their BatchNorm too, unless train_bn); freeze_bn_stats keeps every BatchNorm on its pretrained
+statistics (eval mode; affine weights still train once unfrozen). The optimizer holds, from the first step, every parameter that
 trains in any phase, with per-group lrs that one scheduler drives (a frozen parameter gets no gradient, so the optimizer
 skips it): nothing is added mid-run, so a resume restores the same groups and re-enters its epoch's phase, and DDP's
 reducer, built while every part that will train requires grad, all-reduces each part from the step it unfreezes."""
@@ -98,11 +99,15 @@ def top_layers(backbone: nn.Module, count: int) -> list[list[str]]:
 
 class GradualUnfreezing(FreezingStrategy):
     def __init__(self, phases: list[dict], train_bn: bool = False, keep_frozen: list[str] | None = None,
-                 name: str = "gradual", cache_dir: str = "feature_cache", feature_dtype: str = "float32",
-                 extract_batch_size: int = 256, device_max_bytes: int = 4 * 1024**3):
+                 name: str = "gradual", freeze_bn_stats: bool = False, cache_dir: str = "feature_cache",
+                 feature_dtype: str = "float32", extract_batch_size: int = 256, device_max_bytes: int = 4 * 1024**3):
         self.name = name
         self.phase_list = parse_phases(phases)
         self.train_bn = bool(train_bn)
+        self.freeze_bn_stats = bool(freeze_bn_stats)
+        if self.train_bn and self.freeze_bn_stats:
+            raise ConfigError("strategy.train_bn=true trains the statistics of frozen parts' BatchNorm and "
+                              "strategy.freeze_bn_stats=true fixes every BatchNorm's statistics; choose one")
         self.keep_frozen = list(keep_frozen or [])
         self.cache = {"cache_dir": cache_dir, "feature_dtype": feature_dtype,
                       "extract_batch_size": int(extract_batch_size), "device_max_bytes": int(device_max_bytes)}
@@ -149,6 +154,9 @@ class GradualUnfreezing(FreezingStrategy):
             trainable |= {n for mn, m in module.named_modules() if isinstance(m, _BatchNorm)
                           for n in [*(f"{mn}.{p}" for p, _ in m.named_parameters()),
                                     *(f"{mn}.{b}" for b, _ in m.named_buffers())]}
+        if self.freeze_bn_stats:  # every BatchNorm normalises with its pretrained statistics, which never move
+            trainable -= {f"{mn}.{b}" for mn, m in module.named_modules() if isinstance(m, _BatchNorm)
+                          for b, _ in m.named_buffers()}
         return trainable
 
     def prepare(self, module) -> None:
@@ -220,6 +228,9 @@ class GradualUnfreezing(FreezingStrategy):
                 and not any(name == f"backbone.{p}" or name.startswith(f"backbone.{p}.") for p in self.keep_frozen)
             modes = []
             for mn, m in module.named_modules():
+                if self.freeze_bn_stats and isinstance(m, _BatchNorm):
+                    modes.append(m)
+                    continue
                 if not mn or inside(mn) or (self.train_bn and isinstance(m, _BatchNorm)):
                     continue
                 tensors = [f"{mn}.{n}" for n, _ in [*m.named_parameters(), *m.named_buffers()]]
@@ -241,7 +252,7 @@ class GradualUnfreezing(FreezingStrategy):
         alone = {"train": trained, "lr": phase.lr, "lr_mult": phase.lr_mult, "inputs": phase.inputs,
                  "name": phase.name}
         return GradualUnfreezing([alone], self.train_bn, self.keep_frozen, f"{self.name}@{phase.name or index}",
-                                 **self.cache)
+                                 self.freeze_bn_stats, **self.cache)
 
     def wrap_datamodule(self, datamodule, module):
         if not any(p.inputs == "cached" for p in self.phase_list):

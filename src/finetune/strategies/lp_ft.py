@@ -10,9 +10,11 @@ from finetune.strategies.gradual import GradualUnfreezing
 
 class LinearProbeThenFinetune(GradualUnfreezing):
     def __init__(self, probe_epochs: int = 10, probe_lr: float = 1e-2, finetune_lr: float = 1e-4,
-                 modules: list[str] | None = None, train_bn: bool = False, probe_on: str = "cached",
+                 modules: list[str] | None = None, train_bn: bool = False, freeze_bn_stats: bool = False,
+                 probe_on: str = "cached",
                  finetune_schedule: str = "restart", **cache):
         phases = [{"name": "probe", "epochs": probe_epochs, "train": ["head"], "lr": probe_lr, "inputs": probe_on},
                   {"name": "finetune", "epochs": None, "train": ["all"], "lr": finetune_lr,
                    "schedule": finetune_schedule}]
-        super().__init__(phases, train_bn=train_bn, keep_frozen=modules, name="lp_ft", **cache)
+        super().__init__(phases, train_bn=train_bn, keep_frozen=modules, name="lp_ft",
+                         freeze_bn_stats=freeze_bn_stats, **cache)
