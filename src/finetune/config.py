@@ -89,11 +89,21 @@ def build_strategy(name: str, **overrides):
     """The strategy object configs/strategy/<name>.yaml describes, with `overrides` for the keys it has."""
     if name not in strategy_names():
         raise ConfigError(f"unknown strategy {name!r}; choose one of: {', '.join(strategy_names())}")
-    node = OmegaConf.load(Path(CONFIG_DIR, "strategy", f"{name}.yaml")).strategy
+    # the strategy's own node, after the presets it builds on (`defaults: [gradual]`); paths as the defaults set them
+    root = OmegaConf.create({"paths": {"cache_dir": "feature_cache"}, "strategy": _strategy_node(name)})
     for key, value in overrides.items():
-        if key in node:
-            node[key] = value
-    return instantiate(node)
+        if key in root.strategy:
+            root.strategy[key] = value
+    return instantiate(root.strategy)
+
+
+def _strategy_node(name: str):
+    raw = OmegaConf.load(Path(CONFIG_DIR, "strategy", f"{name}.yaml"))
+    node = OmegaConf.create({})
+    for parent in raw.get("defaults", []):
+        if isinstance(parent, str) and parent != "_self_":
+            node = OmegaConf.merge(node, _strategy_node(parent))
+    return OmegaConf.merge(node, raw.get("strategy", {}))
 
 
 def job_output_dir() -> Path | None:

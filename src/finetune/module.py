@@ -142,7 +142,11 @@ class FinetuneModule(LightningModule):
         optimizer = self.optimizer_factory(groups)
         trainer = self.trainer
         total_steps = trainer.estimated_stepping_batches
-        steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches) and len(phases) > 1:
+            raise ConfigError(f"strategy {self.strategy.name!r} has phases measured in epochs, but the train loader "
+                              f"has no length; give it a __len__")
+        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
         starts, epoch = [], 0
         for phase in phases:
             starts.append(epoch * steps_per_epoch)
