@@ -99,13 +99,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     names = [row["strategy"] for row in rows]
     colors = [plt.cm.tab10(i) for i in range(len(rows))]
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.4))
-    for i, (row, color) in enumerate(zip(rows, colors)):
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(19, 5.4))
+    for row, color in zip(rows, colors):
         total = row["fit_seconds"] + (row.get("extract_seconds") or 0.0)
         left.scatter(total, 100 * row["test_acc"], s=90, color=color, zorder=3, label=row["strategy"])
-        left.annotate(row["strategy"], (total, 100 * row["test_acc"]), textcoords="offset points",
-                      xytext=(7, 7 if i % 2 == 0 else -14), color=color)  # alternate so close points stay legible
-    left.legend(loc="lower right", fontsize=8)
     left.set_xscale("log")
     left.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     left.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
@@ -124,17 +121,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     middle.set_ylabel("validation accuracy, %")
     middle.set_title("validation accuracy during fit")
     middle.grid(True, which="both", alpha=0.3)
-    if middle.lines:
-        middle.legend(loc="lower right", fontsize=8)
-    right.bar(names, [row["peak_memory_mb"] for row in rows], color=colors)
+    right.barh(names, [row["peak_memory_mb"] for row in rows], color=colors)
+    right.invert_yaxis()
     device = rows[0].get("device", "") if rows else ""
-    right.set_ylabel("peak memory, MB " + ("(CUDA max allocated)" if device.startswith("cuda") else "(process RSS)"))
-    right.set_title("peak memory (fit; cached: the larger of fit and extraction)")
-    right.tick_params(axis="x", labelrotation=30)
+    right.set_xlabel("peak memory, MB " + ("(CUDA max allocated)" if device.startswith("cuda") else "(process RSS)"))
+    right.set_title("peak memory (cached: incl. extraction)")
     for i, row in enumerate(rows):
-        right.annotate(f"{row['peak_memory_mb']:,.0f}", (i, row["peak_memory_mb"]), ha="center", va="bottom")
+        right.annotate(f" {row['peak_memory_mb']:,.0f}", (row["peak_memory_mb"], i), ha="left", va="center",
+                       fontsize=8)
+    right.margins(x=0.2)
     fig.suptitle(title)
-    fig.tight_layout()
+    # one legend for all three panels, below them, so that it hides no point or curve
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(rows), 8), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1), w_pad=4)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
