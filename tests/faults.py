@@ -41,11 +41,7 @@ class WriteWeightDigest(L.Callback):
         self.output_dir = output_dir
 
     def on_fit_end(self, trainer, module):
-        digest = hashlib.sha256()
-        for name, tensor in module.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        Path(self.output_dir, f"weights_rank{trainer.global_rank}.txt").write_text(digest.hexdigest())
+        Path(self.output_dir, f"weights_rank{trainer.global_rank}.txt").write_text(weights_digest(module))
 
 
 class RecordDDPWrapping(L.Callback):
@@ -86,15 +82,16 @@ class RecordLearningRates(L.Callback):
 
 
 class WriteEpochWeightDigest(WriteWeightDigest):
-    """After every training epoch, every rank writes a digest of its weights to weights_rank<r>_epoch<e>.txt."""
-
-    def on_fit_end(self, trainer, module):
-        pass
+    """Also after every training epoch (so after every phase): weights_rank<r>_epoch<e>.txt."""
 
     def on_train_epoch_end(self, trainer, module):
-        digest = hashlib.sha256()
-        for name, tensor in module.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         Path(self.output_dir, f"weights_rank{trainer.global_rank}_epoch{trainer.current_epoch}.txt").write_text(
-            digest.hexdigest())
+            weights_digest(module))
+
+
+def weights_digest(module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -13,7 +13,7 @@ from finetune.eval import load_for_eval
 from tests.conftest import TESTS_DIR, TINY
 from tests.test_cli import run_cli
 
-DDP = [*TINY, "trainer=ddp_cpu", "trainer.max_epochs=2", "+callbacks.digest._target_=tests.faults.WriteWeightDigest",
+DDP = [*TINY, "trainer=ddp_cpu", "trainer.max_epochs=3", "+callbacks.digest._target_=tests.faults.WriteEpochWeightDigest",
        "+callbacks.digest.output_dir=${paths.output_dir}"]
 
 
@@ -21,8 +21,10 @@ EXTENSION_CONFIGS = str(TESTS_DIR / "extension" / "configs")
 
 
 @pytest.mark.parametrize("strategies,configs", [
-    ("full,no_grad,bitfit", [f"hydra.searchpath=[file://{EXTENSION_CONFIGS}]"]),
-    ("freeze,cached,bitfit", ["-cd", EXTENSION_CONFIGS]),  # bitfit lives in the added config folder only
+    # gradual_tiny and lp_ft_tiny (staged: 3 phases / a probe on cached features, then everything) live in the added
+    # config folder only, so the relaunched ranks must find it
+    ("full,no_grad,gradual_tiny", [f"hydra.searchpath=[file://{EXTENSION_CONFIGS}]"]),
+    ("freeze,cached,lp_ft_tiny", ["-cd", EXTENSION_CONFIGS]),
 ])
 def test_every_strategy_trains_under_ddp_and_ranks_end_identical(tmp_path, strategies, configs):
     sweep = tmp_path / "sweep"
@@ -38,8 +40,12 @@ def test_every_strategy_trains_under_ddp_and_ranks_end_identical(tmp_path, strat
         rank0, rank1 = ((run / f"weights_rank{r}.txt").read_text() for r in (0, 1))
         assert rank0 == rank1, f"{strategy}: ranks hold different weights after fit"
         metrics = json.loads((run / "metrics.json").read_text())
-        assert metrics["strategy"] == strategy
-        assert metrics["train_samples"] == 64 * 2, "throughput counts both ranks' samples"
+        assert metrics["strategy"] == {"lp_ft_tiny": "lp_ft"}.get(strategy, strategy)
+        assert metrics["train_samples"] == 64 * 3, "throughput counts both ranks' samples"
+        # after every epoch, hence after every phase of the staged ones, the ranks hold the same weights
+        digests = [[(run / f"weights_rank{r}_epoch{e}.txt").read_text() for r in (0, 1)] for e in range(3)]
+        assert all(rank0 == rank1 for rank0, rank1 in digests), f"{strategy}: ranks differ after an epoch"
+        assert len({rank0 for rank0, _ in digests}) == 3, f"{strategy}: every epoch changed the weights"
         assert json.loads((run / "param_audit.json").read_text())["violations"] == []
 
 

@@ -153,7 +153,9 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
     elif how == "compare":
         out = tmp_path / "compare"
         # each strategy keeps its own epoch count (a staged one refuses fewer epochs than its phases): two steps each
-        small = [o for o in with_small_settings(words[1:]) if o != "trainer.max_epochs=1"] + ["++trainer.max_steps=2"]
+        # two at once: nothing here reads the timings
+        small = [o for o in with_small_settings(words[1:]) if o != "trainer.max_epochs=1"] + ["++trainer.max_steps=2",
+                                                                                             "compare.jobs=2"]
         result = run_cli("finetune.compare", *small, f"paths.cache_dir={shared['cache']}",
                          f"hydra.run.dir={out}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]

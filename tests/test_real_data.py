@@ -27,7 +27,7 @@ def test_cached_with_its_defaults_reaches_85_percent(tmp_path):
 
 @pytest.mark.slow
 def test_full_finetuning_from_pretrained_beats_random_init(tmp_path):
-    budget = ["strategy=full", "data.image_size=32", "trainer.max_epochs=3", "~callbacks.model_checkpoint"]
+    budget = ["strategy=full", "data.image_size=32", "trainer.max_epochs=2", "~callbacks.model_checkpoint"]
     pretrained = run(tmp_path, "pretrained", *budget)
     scratch = run(tmp_path, "scratch", *budget, "backbone.pretrained=false")
     assert pretrained["test_acc"] > scratch["test_acc"] + 0.05, (pretrained["test_acc"], scratch["test_acc"])

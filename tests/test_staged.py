@@ -14,7 +14,7 @@ from finetune.callbacks.freeze_audit import FreezeViolationError
 from finetune.errors import ConfigError
 from finetune.strategies.gradual import GradualUnfreezing, parse_phases
 from finetune.train import train
-from tests.conftest import TESTS_DIR, TINY, compose_config, fit
+from tests.conftest import TINY, compose_config, fit
 from tests.test_cli import run_cli
 
 # 64 fake images in batches of 16: 4 steps an epoch. test_efficientnet's top two layers (timm's group_matcher) are
@@ -258,20 +258,4 @@ def test_lp_ft_killed_mid_probe_at_the_boundary_and_mid_finetune_resumes_bitwise
     assert audit["phases"][0]["trainable"] == audit["summary"]["trainable"], "finetune: everything trainable again"
 
 
-def test_every_phase_trains_under_ddp_and_ranks_hold_identical_weights_after_each(tmp_path):
-    extension = TESTS_DIR / "extension" / "configs"
-    sweep = tmp_path / "sweep"
-    result = run_cli("finetune.train", "-m", f"hydra.searchpath=[file://{extension}]", "strategy=gradual_tiny,lp_ft_tiny",
-                     *TINY, "trainer=ddp_cpu", "trainer.max_epochs=3",
-                     "+callbacks.digest._target_=tests.faults.WriteEpochWeightDigest",
-                     "+callbacks.digest.output_dir=${paths.output_dir}", f"hydra.sweep.dir={sweep}",
-                     f"paths.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for job in ("0", "1"):
-        run = sweep / job
-        digests = [[(run / f"weights_rank{r}_epoch{e}.txt").read_text() for r in (0, 1)] for e in range(3)]
-        for epoch, (rank0, rank1) in enumerate(digests):
-            assert rank0 == rank1, f"job {job}: ranks differ after epoch {epoch}"
-        assert len({rank0 for rank0, _ in digests}) == 3, "every phase changed the weights"
-        audit = json.loads((run / "param_audit.json").read_text())
-        assert audit["violations"] == [] and len(audit["phases"]) >= 2
+# DDP, every phase and identical ranks after each: tests/test_ddp.py (gradual_tiny, lp_ft_tiny in its sweeps)

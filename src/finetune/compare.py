@@ -30,16 +30,22 @@ def available_strategies() -> list[str]:
     return sorted(GlobalHydra.instance().config_loader().get_group_options("strategy"))
 
 
-def run_strategies(strategies: list[str], overrides: list[str], output_dir: Path) -> list[str]:
+def run_strategies(strategies: list[str], overrides: list[str], output_dir: Path, jobs: int = 1) -> list[str]:
     """`finetune-train strategy=X <overrides>` per strategy, each in its own process so that its peak memory and
-    timings are its own. Returns the strategies that failed; the others still make the report."""
-    failed = []
-    for strategy in strategies:
-        run_dir = output_dir / strategy
-        log.info("compare: training strategy=%s into %s", strategy, run_dir)
-        command = [sys.executable, "-m", "finetune.train", *overrides, f"strategy={strategy}", f"hydra.run.dir={run_dir}"]
-        if subprocess.run(command).returncode != 0:
-            log.error("compare: strategy=%s failed; see %s", strategy, run_dir / "train.log")
+    timings are its own; `jobs` at a time (more than one shares the machine, so timings are then not comparable).
+    Returns the strategies that failed; the others still make the report."""
+    failed, pending, running = [], list(strategies), []
+    while pending or running:
+        while pending and len(running) < max(int(jobs), 1):
+            strategy = pending.pop(0)
+            run_dir = output_dir / strategy
+            log.info("compare: training strategy=%s into %s", strategy, run_dir)
+            command = [sys.executable, "-m", "finetune.train", *overrides, f"strategy={strategy}",
+                       f"hydra.run.dir={run_dir}"]
+            running.append((strategy, subprocess.Popen(command)))
+        strategy, process = running.pop(0)
+        if process.wait() != 0:
+            log.error("compare: strategy=%s failed; see %s", strategy, output_dir / strategy / "train.log")
             failed.append(strategy)
     return failed
 
@@ -64,7 +70,8 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError(f"compare.strategies has {unknown}; choose from: {', '.join(available)}")
         task_overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(OWN_KEYS)]
         hydra_overrides = [o for o in HydraConfig.get().overrides.hydra if o.startswith("hydra.searchpath")]
-        failed = run_strategies(strategies, [*task_overrides, *hydra_overrides], output_dir)
+        failed = run_strategies(strategies, [*task_overrides, *hydra_overrides], output_dir,
+                                cfg.compare.get("jobs", 1))
         rows = collect_runs(output_dir)
         if not succeeded(rows):
             raise ConfigError(f"every strategy failed ({', '.join(failed)}); see the train.log files under {output_dir}")
