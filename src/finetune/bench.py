@@ -37,7 +37,7 @@ from finetune.data.base import TensorImageDataModule
 from finetune.data.cached import CachedFeatureDataModule
 from finetune.heads import LinearHead
 from finetune.module import FinetuneModule
-from finetune.optim import WarmupCosine, warmup_cosine, weight_decay_groups
+from finetune.optim import WarmupCosine, param_groups, warmup_cosine
 
 LR, WEIGHT_DECAY = 1e-3, 0.01
 GOAL = {"cuda": 0.97, "cpu": 0.9}  # template/raw
@@ -114,20 +114,21 @@ class SteadyStateTimer(L.Callback):
         self.rate = self.samples / (time.perf_counter() - self.start)
 
 
-def measured_strategy(name: str, cache_dir: str, batch_size: int):
-    """The strategy a benchmark row measures: a staged one (gradual, lp_ft) in its last phase, its steady state."""
-    # cache_dir and batch_size reach only strategies whose config has them (cached: its head batch)
-    built = build_strategy(name.split("@")[0], cache_dir=cache_dir, batch_size=batch_size)
+def last_phase(built):
+    """A staged strategy (gradual, lp_ft) in its last phase, its steady state; any other as it is."""
     return built.phase_alone(len(built.phases()) - 1) if len(built.phases()) > 1 else built
+
+
+def measured_strategy(name: str, cache_dir: str, batch_size: int):
+    """The strategy a benchmark row measures."""
+    # cache_dir and batch_size reach only strategies whose config has them (cached: its head batch)
+    return last_phase(build_strategy(name.split("@")[0], cache_dir=cache_dir, batch_size=batch_size))
 
 
 def bench_strategy_names() -> list[str]:
     """Every strategy config; staged ones as `<name>@<last phase>`."""
-    names = []
-    for name in strategy_names():
-        built = build_strategy(name)
-        names.append(measured_strategy(name, "unused", 1).name if len(built.phases()) > 1 else name)
-    return names
+    built = {name: build_strategy(name) for name in strategy_names()}
+    return [last_phase(s).name if len(s.phases()) > 1 else name for name, s in built.items()]
 
 
 def make_module(args, backbone, strategy: str, channels_last: bool) -> FinetuneModule:
@@ -184,7 +185,8 @@ def fit_raw(args, model_name, strategy, batches, features, device) -> Measuremen
         module.backbone.to(memory_format=torch.channels_last)
     module.train()  # the strategy puts its frozen parts back in eval mode
     trainable = module.strategy.trainable_parameters(module)
-    optimizer = torch.optim.AdamW(weight_decay_groups(trainable, WEIGHT_DECAY), lr=LR, weight_decay=WEIGHT_DECAY)
+    groups, _ = param_groups(module, trainable, LR, WEIGHT_DECAY)  # the template's groups, without phases
+    optimizer = torch.optim.AdamW(groups, lr=LR, weight_decay=WEIGHT_DECAY)
     scheduler = warmup_cosine(optimizer, args.warmup + args.steps, warmup_fraction=0.05)
     accuracy = MulticlassAccuracy(args.num_classes, average="micro", validate_args=False).to(device)
     mean_loss = MeanMetric(nan_strategy="disable").to(device)

@@ -103,9 +103,9 @@ class FinetuneModule(LightningModule):
         return loss
 
     def on_train_start(self) -> None:
-        """Enter the phase of the epoch training starts in: a run resumed mid-epoch gets no on_train_epoch_start for
-        that epoch (pinned by tests/test_staged.py's kill mid-phase-2)."""
-        self.strategy.enter_phase(self, self.strategy.phase_at(self.current_epoch))
+        """Also here: a run resumed mid-epoch gets no on_train_epoch_start for that epoch (pinned by
+        tests/test_staged.py's kill mid-phase-2)."""
+        self.on_train_epoch_start()
 
     def on_train_epoch_start(self) -> None:
         """Enter the phase of this epoch: which parts train, and their modes."""
@@ -147,12 +147,10 @@ class FinetuneModule(LightningModule):
             raise ConfigError(f"strategy {self.strategy.name!r} has phases measured in epochs, but the train loader "
                               f"has no length; give it a __len__")
         steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
-        starts, epoch = [], 0
-        for phase in phases:
-            starts.append(epoch * steps_per_epoch)
-            epoch += phase.epochs or 0
+        starts = [epoch * steps_per_epoch for epoch in self.strategy.phase_start_epochs()]
         if not math.isfinite(total_steps):  # max_epochs=-1 and no max_steps: segments end with their phase
-            total_steps = max(epoch, 1) * steps_per_epoch
+            epochs = self.strategy.phase_start_epochs()[-1] + (phases[-1].epochs or 0)
+            total_steps = max(epochs, 1) * steps_per_epoch
         scheduler = phased_schedule(optimizer, int(total_steps), self.schedule_shape, starts,
                                     [float(p.lr) / lr if p.lr is not None else 1.0 for p in phases],
                                     [p.schedule == "restart" for p in phases], group_phase_mults)

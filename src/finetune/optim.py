@@ -8,6 +8,7 @@ multiplier (layer decay, `optimizer.lr_mult`, the phase's `lr_mult`) x the sched
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterable, Sequence
 
@@ -36,15 +37,6 @@ class WarmupCosine:
 
 def constant(step: int, length: int) -> float:
     return 1.0
-
-
-def weight_decay_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Biases and norm weights (1-D tensors) get no weight decay, as in timm's `param_groups_weight_decay`."""
-    decay, no_decay = [], []
-    for _, param in named_params:
-        (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
 
 
 def backbone_layers(backbone: nn.Module) -> tuple[dict[str, int], list[str]]:
@@ -177,7 +169,7 @@ def phased_schedule(optimizer: torch.optim.Optimizer, total_steps: int, shape: C
         group_phase_mults = [[1.0] * len(starts) for _ in optimizer.param_groups]
 
     def phase_at(step: int) -> int:
-        return max(k for k, start in enumerate(starts) if start <= step) if step >= starts[0] else 0
+        return max(bisect.bisect_right(starts, step) - 1, 0)
 
     def segment(step: int) -> tuple[int, int]:
         begin = max((s for s in segment_starts if s <= step), default=0)

@@ -61,11 +61,11 @@ class FreezeAudit(Callback):
         # and never move
         trainable = {n for n, p in module.named_parameters() if p.requires_grad and n not in frozen}
         phase = strategy.phases()[index]
+        names = {id(m): n for n, m in module.named_modules()}
         self._phase = {"index": index, "frozen": frozen, "start": _snapshot(module),
                        # flat lists so the per-step checks cost microseconds, not a walk of the module tree
                        "frozen_params": [(n, p) for n, p in module.named_parameters() if n in frozen],
-                       "eval_modules": [(n, m) for n, m in module.named_modules()
-                                        if id(m) in {id(e) for e in strategy.eval_modules(module)}]}
+                       "eval_modules": [(names.get(id(m), "?"), m) for m in strategy.eval_modules(module)]}
         self.phases.append({
             "phase": index, "name": phase.name, "start_epoch": trainer.current_epoch, "start_step": trainer.global_step,
             # the first phase of a resumed run began in an earlier process: "changed" covers only this process's part

@@ -6,6 +6,7 @@ modules must stay in eval mode; the audit asks which parameters and buffers must
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
@@ -42,14 +43,16 @@ class FreezingStrategy:
         """The phases of a fit; staged strategies (gradual, lp_ft) have several."""
         return [Phase()]
 
+    def phase_start_epochs(self) -> list[int]:
+        """The epoch each phase starts at."""
+        starts = [0]
+        for phase in self.phases()[:-1]:
+            starts.append(starts[-1] + (phase.epochs or 0))
+        return starts
+
     def phase_at(self, epoch: int) -> int:
         """Which phase an epoch belongs to."""
-        start, index = 0, 0
-        for k, phase in enumerate(self.phases()):
-            if epoch >= start:
-                index = k
-            start += phase.epochs or 0
-        return index
+        return max(bisect.bisect_right(self.phase_start_epochs(), epoch) - 1, 0)
 
     def enter_phase(self, module: FinetuneModule, index: int) -> None:
         """At every epoch start: make the parts of phase `index` trainable (a resumed run re-enters its phase)."""

@@ -79,6 +79,12 @@ def _refuse_overlaps(resolved: list[list[tuple[str, list[str]]]], key: str = "st
             seen.append((k, entry, roots))
 
 
+def batchnorm_tensors(module: nn.Module, parameters: bool = True) -> set[str]:
+    """Names of every BatchNorm's buffers (running statistics) and, with `parameters`, its affine weights."""
+    return {f"{mn}.{n}" for mn, m in module.named_modules() if isinstance(m, _BatchNorm)
+            for n, _ in [*(m.named_parameters() if parameters else []), *m.named_buffers()]}
+
+
 def top_layers(backbone: nn.Module, count: int) -> list[list[str]]:
     """The modules (backbone-relative names) holding each of the top `count` layers, topmost first; layers as for
     optimizer.layer_decay (timm's group_matcher, or top-level children). A parameter the backbone holds directly
@@ -151,12 +157,9 @@ class GradualUnfreezing(FreezingStrategy):
         names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
         trainable = {n for n in names if under(n, roots) and not under(n, kept)}
         if self.train_bn:  # BatchNorm of frozen parts trains in every phase, as with strategy=freeze train_bn=true
-            trainable |= {n for mn, m in module.named_modules() if isinstance(m, _BatchNorm)
-                          for n in [*(f"{mn}.{p}" for p, _ in m.named_parameters()),
-                                    *(f"{mn}.{b}" for b, _ in m.named_buffers())]}
+            trainable |= batchnorm_tensors(module)
         if self.freeze_bn_stats:  # every BatchNorm normalises with its pretrained statistics, which never move
-            trainable -= {f"{mn}.{b}" for mn, m in module.named_modules() if isinstance(m, _BatchNorm)
-                          for b, _ in m.named_buffers()}
+            trainable -= batchnorm_tensors(module, parameters=False)
         return trainable
 
     def prepare(self, module) -> None:
@@ -173,7 +176,7 @@ class GradualUnfreezing(FreezingStrategy):
         trainable = self._trainable_in(module, index)
         for name, param in module.named_parameters():
             param.requires_grad_(name in trainable)
-        self.current_phase, self._entered, self._trainable = index, index, trainable
+        self.current_phase, self._entered = index, index
         if module.training:  # parts unfrozen now go back to train mode, those still frozen stay in eval
             module.train(True)
         else:
@@ -214,15 +217,14 @@ class GradualUnfreezing(FreezingStrategy):
 
     def frozen_names(self, module) -> set[str]:
         """Frozen in the current phase (what the audit checks within it)."""
-        trainable = self._trainable if getattr(self, "_entered", None) == self.current_phase \
-            else self._trainable_in(module, self.current_phase)
         names = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
-        return names - trainable
+        return names - self._trainable_in(module, self.current_phase)
 
     def eval_modules(self, module) -> list[nn.Module]:
         """Modules all of whose tensors are frozen in this phase, and which lie outside the unfrozen parts."""
         if self.current_phase not in self._modes:
             frozen = self.frozen_names(module)
+            training_bn = batchnorm_tensors(module) if self.train_bn else set()
             roots = self._roots(self.current_phase)
             inside = lambda name: any(name == r or name.startswith(r + ".") for r in roots) \
                 and not any(name == f"backbone.{p}" or name.startswith(f"backbone.{p}.") for p in self.keep_frozen)
@@ -234,15 +236,10 @@ class GradualUnfreezing(FreezingStrategy):
                 if not mn or inside(mn) or (self.train_bn and isinstance(m, _BatchNorm)):
                     continue
                 tensors = [f"{mn}.{n}" for n, _ in [*m.named_parameters(), *m.named_buffers()]]
-                if all(t in frozen or (self.train_bn and self._in_batchnorm(module, t)) for t in tensors):
+                if all(t in frozen or t in training_bn for t in tensors):
                     modes.append(m)
             self._modes[self.current_phase] = modes
         return self._modes[self.current_phase]
-
-    @staticmethod
-    def _in_batchnorm(module, tensor_name: str) -> bool:
-        owner = module.get_submodule(tensor_name.rsplit(".", 1)[0]) if "." in tensor_name else module
-        return isinstance(owner, _BatchNorm)
 
     def phase_alone(self, index: int) -> GradualUnfreezing:
         """Phase `index` as a strategy of its own, from the first step, with what earlier phases unfroze trainable
