@@ -17,6 +17,7 @@ COLUMNS = [  # (metrics.json key, column header, format)
     ("train_samples_per_second", "train samples/s", "{:,.0f}"),
     ("peak_memory_mb", "peak memory MB", "{:,.0f}"),
     ("trainable_params", "trainable params", "{:,}"),
+    ("trainable_percent", "trainable %", "{:.2f}"),
     ("feature_drift", "feature drift", "{:.4f}"),
     ("total_params", "total params", "{:,}"),
     ("extract_seconds", "extract s", "{:.1f}"),

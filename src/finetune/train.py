@@ -71,6 +71,8 @@ def train(cfg: DictConfig) -> dict:
     metrics = _run_metrics(cfg, trainer, module, datamodule, tested[0] if tested else {}, last_val)
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
+        # what the strategy keeps of the tested weights (trainer.test loaded them): the peft strategies' adapter
+        metrics.update(module.strategy.write_outputs(module, output_dir))
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         print(f"test accuracy {metrics['test_acc']:.4f} (val {metrics['val_acc'] or float('nan'):.4f}, "
               f"strategy={metrics['strategy']}, {metrics['fit_seconds']:.1f}s fit)\nrun directory: {output_dir}")
@@ -88,6 +90,8 @@ def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val) -> di
     meter = next((c for c in trainer.callbacks if isinstance(c, RunMeter)), RunMeter())
     images = getattr(datamodule, "images", datamodule)
     checkpoint = trainer.checkpoint_callback
+    trainable = sum(p.numel() for _, p in module.strategy.trainable_parameters(module))
+    total = sum(p.numel() for p in module.parameters())
     best_val = checkpoint.best_model_score if checkpoint is not None and checkpoint.best_model_score is not None \
         else last_val
     metrics = {
@@ -101,8 +105,9 @@ def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val) -> di
         "train_samples_per_second": round(meter.train_samples_per_second, 1),
         "train_samples": meter.train_samples,
         "peak_memory_mb": round(meter.peak_memory_mb, 1),
-        "trainable_params": sum(p.numel() for _, p in module.strategy.trainable_parameters(module)),
-        "total_params": sum(p.numel() for p in module.parameters()),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 4),
         "epochs": trainer.current_epoch,
         "image_size": getattr(images, "image_size", None),
         "test_split": getattr(images, "test_split", "test"),

@@ -96,8 +96,13 @@ class FreezingStrategy:
         """Where the training inputs come from; `cached` replaces images with stored features."""
         return datamodule
 
+    def write_outputs(self, module: FinetuneModule, output_dir) -> dict:
+        """After the test, with the tested weights loaded: files a strategy writes into the run folder (the peft
+        strategies their adapter); returns what metrics.json should say about them."""
+        return {}
+
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
 
 
