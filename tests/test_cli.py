@@ -21,13 +21,23 @@ def test_top_level_configs_compose(tmp_path, name):
     OmegaConf.to_container(cfg, resolve=True)
 
 
-def run_cli(module: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+def cli_env() -> dict[str, str]:
     # the repository root on the path, so configs can select `_target_: tests....` helpers
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    return {**os.environ, "PYTHONWARNINGS": "ignore",
+            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
+def run_cli(module: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=cli_env(), timeout=300)
+
+
+def start_cli(module: str, *overrides: str, cwd: Path, log: Path) -> subprocess.Popen:
+    """The CLI in the background, its output into `log`, for tests that run several at once."""
+    with open(log, "w") as output:
+        return subprocess.Popen([sys.executable, "-m", module, *overrides], cwd=cwd, stdout=output,
+                                stderr=subprocess.STDOUT, env=cli_env())
 
 
 @pytest.mark.parametrize("strategy", ["full", "cached"])  # every strategy trains in-process in test_configs.py

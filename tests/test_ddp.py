@@ -11,7 +11,7 @@ import torch
 from finetune.data.feature_cache import FeatureCache
 from finetune.eval import load_for_eval
 from tests.conftest import TESTS_DIR, TINY
-from tests.test_cli import run_cli
+from tests.test_cli import run_cli, start_cli
 
 DDP = [*TINY, "trainer=ddp_cpu", "trainer.max_epochs=3", "+callbacks.digest._target_=tests.faults.WriteEpochWeightDigest",
        "+callbacks.digest.output_dir=${paths.output_dir}"]
@@ -20,22 +20,35 @@ DDP = [*TINY, "trainer=ddp_cpu", "trainer.max_epochs=3", "+callbacks.digest._tar
 EXTENSION_CONFIGS = str(TESTS_DIR / "extension" / "configs")
 
 
-@pytest.mark.parametrize("strategies,configs", [
+SWEEPS = {  # a sweep's strategies, and how its ranks find the user's config folder
     # gradual_tiny and lp_ft_tiny (staged: 3 phases / a probe on cached features, then everything) live in the added
-    # config folder only, so the relaunched ranks must find it
-    ("full,no_grad,gradual_tiny", [f"hydra.searchpath=[file://{EXTENSION_CONFIGS}]"]),
-    ("freeze,cached,lp_ft_tiny", ["-cd", EXTENSION_CONFIGS]),
-])
-def test_every_strategy_trains_under_ddp_and_ranks_end_identical(tmp_path, strategies, configs):
-    sweep = tmp_path / "sweep"
-    result = run_cli("finetune.train", "-m", *configs, f"strategy={strategies}", *DDP, f"hydra.sweep.dir={sweep}",
-                     f"paths.cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # config folder only, so the relaunched ranks must find it; lora's adapters are injected on each rank
+    "searchpath": ("full,no_grad,gradual_tiny,bitfit,lora", [f"hydra.searchpath=[file://{EXTENSION_CONFIGS}]"]),
+    "config_dir": ("freeze,cached,lp_ft_tiny,norm", ["-cd", EXTENSION_CONFIGS]),
+}
+
+
+def test_every_strategy_trains_under_ddp_and_ranks_end_identical(tmp_path):
+    """Both sweeps at once: while a job's second rank imports torch, a core would otherwise sit idle."""
+    started = {}
+    for name, (strategies, configs) in SWEEPS.items():
+        (tmp_path / name).mkdir()
+        started[name] = start_cli("finetune.train", "-m", *configs, f"strategy={strategies}", *DDP,
+                                  f"hydra.sweep.dir={tmp_path / name / 'sweep'}",
+                                  f"paths.cache_dir={tmp_path / name / 'cache'}", cwd=tmp_path / name,
+                                  log=tmp_path / f"{name}.log")
+    for name, process in started.items():
+        assert process.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        check_sweep(tmp_path / name, SWEEPS[name][0].split(","))
+
+
+def check_sweep(folder, jobs: list[str]) -> None:
+    sweep = folder / "sweep"
     # one folder per job, no stray run folders from the relaunched rank (lightning-hydra-template's duplicates); the
     # relaunched ranks found the user's configs (-cd, hydra.searchpath) too
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
-    assert not (tmp_path / "logs" / "train" / "runs").exists()
-    for job, strategy in enumerate(strategies.split(",")):
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [str(job) for job in range(len(jobs))]
+    assert not (folder / "logs" / "train" / "runs").exists()
+    for job, strategy in enumerate(jobs):
         run = sweep / str(job)
         rank0, rank1 = ((run / f"weights_rank{r}.txt").read_text() for r in (0, 1))
         assert rank0 == rank1, f"{strategy}: ranks hold different weights after fit"

@@ -7,24 +7,47 @@ import json
 import pytest
 import torch
 
-from tests.conftest import TESTS_DIR, compose_config, fit, initial_state, snapshot
+from finetune.strategies import BitFit
+from tests.conftest import TESTS_DIR, TINY, compose_config, fit, initial_state, snapshot
+from tests.extension.my_project import tiny_cnn
 
 EXTENSION = [f"hydra.searchpath=[file://{TESTS_DIR / 'extension' / 'configs'}]", "backbone=tiny_cnn", "data=blobs",
              "trainer.accelerator=cpu", "trainer.max_epochs=3", "trainer.enable_progress_bar=false",
              "~callbacks.progress_bar"]
 
 
-def test_user_strategy_backbone_and_dataset_train_under_the_audit(tmp_path):
-    cfg = compose_config(tmp_path, [*EXTENSION, "strategy=bitfit"])
+def test_a_user_peft_strategy_backbone_and_dataset_train_under_the_audit(tmp_path):
+    """LoHa, written by the user on the template's peft base: only its adapters and the head change, the adapter
+    merges into tiny_cnn's plain weights with the same outputs."""
+    pytest.importorskip("peft")
+    cfg = compose_config(tmp_path, [*EXTENSION, "strategy=loha"])
     before = initial_state(cfg)
-    trainer, module, _ = fit(cfg, test=True)
+    trainer, module, datamodule = fit(cfg, test=True)
     after = snapshot(module)
-    for name in before:
-        if name.startswith("backbone."):
-            assert torch.equal(before[name], after[name]) != name.endswith(".bias"), name
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {n for n, _ in module.named_parameters() if n.startswith("head.") or ".hada_" in n}
+    assert {n.split(".hada_")[0] for n in changed if ".hada_" in n} == {"backbone.0", "backbone.3"}
     audit = json.loads((tmp_path / "param_audit.json").read_text())
-    assert audit["strategy"] == "bitfit" and audit["violations"] == []
+    assert audit["strategy"] == "loha" and audit["violations"] == []
     assert "test/acc" in trainer.callback_metrics
+    images = datamodule.preprocess(next(iter(datamodule.test_dataloader()))[0])
+    module.eval()
+    with torch.no_grad():
+        unmerged = module(images)
+        module.strategy.merge(module)
+        assert (module(images) - unmerged).abs().max() <= 1e-5
+    assert set(module.backbone.state_dict()) == set(tiny_cnn().model.state_dict())
+
+
+def test_a_user_rule_over_backbone_parameters_trains_only_what_it_selects(tmp_path):
+    """AttentionOnly, one `selects` rule: on a ViT only the attention layers and the head change."""
+    cfg = compose_config(tmp_path, [*TINY, "backbone.name=test_vit", EXTENSION[0], "strategy=attention_only"])
+    before = initial_state(cfg)
+    _, module, _ = fit(cfg)
+    after = snapshot(module)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {n for n, _ in module.named_parameters() if n.startswith("head.") or ".attn." in n}
+    assert json.loads((tmp_path / "param_audit.json").read_text())["violations"] == []
 
 
 @pytest.mark.parametrize("strategy", ["freeze", "cached"])
@@ -36,16 +59,13 @@ def test_user_backbone_and_dataset_work_with_built_in_strategies(tmp_path, strat
 
 
 def test_the_audit_catches_a_strategy_that_breaks_its_promise(tmp_path):
-    """A strategy that declares the backbone frozen but lets BN statistics move must fail the run."""
+    """A strategy that declares BN statistics frozen but lets them move must fail the run."""
     from finetune.callbacks import FreezeViolationError
 
     cfg = compose_config(tmp_path, [*EXTENSION, "strategy=bitfit"])
     cfg.strategy._target_ = "tests.test_extension.LeakyBitFit"
     with pytest.raises(FreezeViolationError, match="running_mean is frozen but changed"):
         fit(cfg)
-
-
-from tests.extension.bitfit import BitFit  # noqa: E402
 
 
 class LeakyBitFit(BitFit):
@@ -57,7 +77,8 @@ def test_a_user_backbone_checkpoint_evaluates_through_finetune_eval(tmp_path):
     from finetune.eval import evaluate
     from finetune.train import train
 
-    cfg = compose_config(tmp_path, [*EXTENSION, "strategy=bitfit"])
+    pytest.importorskip("peft")
+    cfg = compose_config(tmp_path, [*EXTENSION, "strategy=loha"])
     metrics = train(cfg)
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()

@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from finetune.errors import ConfigError
 from finetune.train import build
 from tests.conftest import TINY, compose_config, fit, initial_state, snapshot
-from tests.test_cli import run_cli
+from tests.test_cli import start_cli
 from tests.test_strategies import optimizer_names
 
 pytest.importorskip("peft")
@@ -169,24 +169,27 @@ def test_lora_targets_by_name_suffix_and_regex_as_peft_does(tmp_path):
                                  "backbone.blocks.1.mlp.fc1", "backbone.blocks.1.mlp.fc2"]
 
 
-@pytest.mark.parametrize("strategy", ["bitfit", "norm", "lora"])
-def test_killed_mid_epoch_and_resumed_gives_the_uninterrupted_weights_bitwise(tmp_path, strategy):
-    run = [*TINY, "backbone.name=test_vit", f"strategy={strategy}", "trainer.deterministic=true",
-           "callbacks.last_checkpoint.every_n_train_steps=2"]
-    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
-    fit(compose_config(straight_dir, run))
-    killed = run_cli("finetune.train", *run, f"hydra.run.dir={killed_dir}", "+callbacks.kill._target_=tests.faults.KillAtStep",
-                     "+callbacks.kill.step=7", cwd=tmp_path)
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    checkpoint = killed_dir / "checkpoints" / "last.ckpt"
-    assert torch.load(checkpoint, weights_only=False)["global_step"] == 6  # mid-epoch 2 of 2 (4 steps an epoch)
-    cfg = compose_config(killed_dir, [*run, f"ckpt_path={checkpoint}"])
+def test_each_killed_mid_epoch_and_resumed_gives_the_uninterrupted_weights_bitwise(tmp_path):
+    """bitfit, norm and lora on the tiny ViT, each killed with SIGKILL at step 7 (last.ckpt at step 6, mid-epoch 2 of
+    2) and resumed: bitwise the weights of an uninterrupted run. The three killed runs go at once."""
     from finetune.train import train
 
-    train(cfg)
-    expected = torch.load(straight_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    actual = torch.load(checkpoint, weights_only=False)
-    assert expected["global_step"] == actual["global_step"] == 8
-    for name, tensor in expected["state_dict"].items():
-        assert torch.equal(tensor, actual["state_dict"][name]), f"{name} differs after resume"
-    assert json.loads((killed_dir / "param_audit.json").read_text())["violations"] == []
+    strategies = ["bitfit", "norm", "lora"]
+    run = lambda strategy: [*TINY, "backbone.name=test_vit", f"strategy={strategy}", "trainer.deterministic=true",
+                            "callbacks.last_checkpoint.every_n_train_steps=2"]
+    killed = {s: start_cli("finetune.train", *run(s), f"hydra.run.dir={tmp_path / s / 'killed'}",
+                           "+callbacks.kill._target_=tests.faults.KillAtStep", "+callbacks.kill.step=7",
+                           cwd=tmp_path, log=tmp_path / f"{s}.log") for s in strategies}
+    for strategy in strategies:
+        fit(compose_config(tmp_path / strategy / "straight", run(strategy)))
+    for strategy, process in killed.items():
+        assert process.wait(timeout=300) == -9, (tmp_path / f"{strategy}.log").read_text()[-3000:]
+        checkpoint = tmp_path / strategy / "killed" / "checkpoints" / "last.ckpt"
+        assert torch.load(checkpoint, weights_only=False)["global_step"] == 6
+        train(compose_config(tmp_path / strategy / "killed", [*run(strategy), f"ckpt_path={checkpoint}"]))
+        expected = torch.load(tmp_path / strategy / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
+        actual = torch.load(checkpoint, weights_only=False)
+        assert expected["global_step"] == actual["global_step"] == 8
+        for name, tensor in expected["state_dict"].items():
+            assert torch.equal(tensor, actual["state_dict"][name]), f"{strategy}: {name} differs after resume"
+        assert json.loads((tmp_path / strategy / "killed" / "param_audit.json").read_text())["violations"] == []

@@ -111,6 +111,24 @@ def sweep(shared) -> tuple[Path, object]:
     return sweep_dir, result
 
 
+def check_parameter_efficient_runs(runs: dict, rows: dict, tmp_path: Path) -> None:
+    """bitfit, norm and lora on the bundled Lite0 and digits, through the CLI: audit clean, a small share trained,
+    lora's adapter under a tenth of its checkpoint, and finetune-eval gives lora's test accuracy from the checkpoint."""
+    from finetune.eval import evaluate
+
+    for name in ("bitfit", "norm", "lora"):
+        assert json.loads((runs[name] / "param_audit.json").read_text())["violations"] == [], name
+        assert 0 < rows[name]["trainable_percent"] < 10, name
+    lora = rows["lora"]
+    assert (runs["lora"] / "adapter" / "adapter_model.safetensors").exists()
+    assert lora["adapter_bytes"] < 0.1 * Path(lora["best_checkpoint"]).stat().st_size
+    (tmp_path / "eval").mkdir()
+    result = evaluate(compose_config(tmp_path / "eval", [f"ckpt_path={lora['best_checkpoint']}", "trainer.accelerator=cpu",
+                                                         "trainer.enable_progress_bar=false",
+                                                         "++trainer.limit_test_batches=2"], config_name="eval"))
+    assert result["test_acc"] == pytest.approx(lora["test_acc"], abs=1e-6)
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_readme_command(command, shared, tmp_path, request, monkeypatch):
     how, words = kind(command), shlex.split(command)
@@ -159,7 +177,8 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         result = run_cli("finetune.compare", *small, f"paths.cache_dir={shared['cache']}",
                          f"hydra.run.dir={out}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
-        rows = {r["strategy"]: r for r in map(json.loads, map(Path.read_text, out.glob("*/metrics.json")))}
+        runs = {json.loads(p.read_text())["strategy"]: p.parent for p in out.glob("*/metrics.json")}
+        rows = {name: json.loads((run / "metrics.json").read_text()) for name, run in runs.items()}
         from finetune.config import strategy_names
 
         assert sorted(rows) == strategy_names(), "every strategy config, no list kept anywhere"
@@ -167,6 +186,7 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         # same seed, same batches, eval-mode features: the strategies that train only the head agree
         assert rows["freeze"]["test_acc"] == rows["no_grad"]["test_acc"] == rows["cached"]["test_acc"]
         assert (out / "comparison.md").exists() and (out / "comparison.png").exists()
+        check_parameter_efficient_runs(runs, rows, tmp_path)
     elif how == "compare_from":
         sweep_dir, _ = request.getfixturevalue("sweep")
         source = words[1].split("=", 1)[1].replace("logs/train/multiruns/<time>", str(sweep_dir))

@@ -1,6 +1,8 @@
-"""An example of everything a user adds outside the package: a strategy, a backbone and a dataset.
+"""An example of everything a user adds outside the package: two parameter-efficient strategies, a backbone and a
+dataset.
 
-The README's "Extending" section walks through these three; the tests train and audit them like the built-in ones.
+The README's "Extending" section walks through them; tests/test_extension.py trains and audits them like the built-in
+ones.
 """
 
 from __future__ import annotations
@@ -10,24 +12,36 @@ from torch import nn
 
 from finetune.backbones import Backbone
 from finetune.data.base import TensorImageDataModule
-from finetune.strategies.base import FreezingStrategy, names_under
+from finetune.strategies import BackboneSubset, PeftAdapter
 
 
-class BitFit(FreezingStrategy):
-    """Train only the backbone's biases (and the head): BitFit, Ben Zaken et al. 2021. BN statistics are fixed."""
+class LoHa(PeftAdapter):
+    """LoHa (Hyeon-Woo et al., ICLR 2022: a Hadamard product of two low-rank pairs) from peft, on the layers named in
+    target_modules: the template's peft base injects it, audits it, merges it and saves the adapter alone."""
 
-    name = "bitfit"
+    name = "loha"
+    chooses = "layer for LoHa"
+    adapts = (nn.Linear, nn.Conv2d)
 
-    def prepare(self, module) -> None:
-        for name, param in module.backbone.named_parameters():
-            param.requires_grad_(name.endswith("bias"))
-        self.restore_eval_modes(module)
+    def __init__(self, target_modules="auto", r: int = 4, alpha: float = 4):
+        super().__init__(target_modules)
+        self.r, self.alpha = r, alpha
 
-    def eval_modules(self, module) -> list[nn.Module]:
-        return [m for m in module.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    def adapter_config(self, targets):
+        from peft import LoHaConfig
 
-    def frozen_names(self, module) -> set[str]:
-        return {n for n in names_under(module, ["backbone"]) if not n.endswith(".bias")}
+        return LoHaConfig(r=self.r, alpha=self.alpha, target_modules=targets)
+
+
+class AttentionOnly(BackboneSubset):
+    """Only a ViT's attention layers train (Touvron et al., ECCV 2022, "Three things everyone should know about
+    Vision Transformers"): one rule over the backbone's parameters."""
+
+    name = "attention_only"
+    chooses = "attention layer"
+
+    def selects(self, layer_name, layer, param_name) -> bool:
+        return ".attn." in f".{layer_name}."
 
 
 def tiny_cnn(width: int = 16) -> Backbone:
