@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check anyone with a CUDA GPU can run: GPU-marked tests, the throughput benchmark at 224 px for
 # efficientnet_lite0 and resnet50, and a 1-epoch finetune-compare on the default data. Everything lands in OUTDIR.
-# Needs only a CUDA PyTorch install plus this project's requirements; runs the project as modules, so it also works
+# Needs only a CUDA PyTorch install plus this project's requirements and peft (strategy=lora; without it lora's
+# compare job fails alone, saying so); runs the project as modules, so it also works
 # where the console scripts are not installed (set PYTHONPATH=src).
 #   usage: scripts/gpu_check.sh OUTDIR        (PYTHON=python3.12 to pick the interpreter)
 set -uo pipefail

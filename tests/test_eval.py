@@ -12,7 +12,7 @@ from finetune.train import train
 from tests.conftest import compose_config
 
 
-@pytest.mark.parametrize("strategy", ["full", "freeze", "no_grad", "cached"])
+@pytest.mark.parametrize("strategy", ["full", "freeze", "no_grad", "cached", "bitfit", "norm", "lora"])
 def test_eval_reproduces_the_reported_test_accuracy(tiny, tmp_path, strategy):
     cfg = tiny(f"strategy={strategy}", "data.num_samples=96")
     L.seed_everything(cfg.seed)

@@ -15,7 +15,7 @@ from finetune.errors import ConfigError
 from finetune.strategies.gradual import GradualUnfreezing, parse_phases
 from finetune.train import train
 from tests.conftest import TINY, compose_config, fit
-from tests.test_cli import run_cli
+from tests.test_cli import run_cli, start_cli
 
 # 64 fake images in batches of 16: 4 steps an epoch. test_efficientnet's top two layers (timm's group_matcher) are
 # blocks.4 + conv_head + bn2, then blocks.3.
@@ -231,9 +231,10 @@ def test_lp_ft_killed_mid_probe_at_the_boundary_and_mid_finetune_resumes_bitwise
     run = [*TINY, "strategy=lp_ft", "strategy.probe_epochs=2", "trainer.max_epochs=4", "trainer.deterministic=true",
            "callbacks.last_checkpoint.every_n_train_steps=2", f"paths.cache_dir={tmp_path / 'cache'}",
            "+callbacks.lrs._target_=tests.faults.RecordLearningRates"]
-    straight = run_cli("finetune.train", *run, f"hydra.run.dir={tmp_path / 'straight'}",
-                       f"+callbacks.lrs.path={tmp_path / 'straight.jsonl'}", cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    # the uninterrupted run goes alongside the killed one's first try
+    straight = start_cli("finetune.train", *run, f"hydra.run.dir={tmp_path / 'straight'}",
+                         f"+callbacks.lrs.path={tmp_path / 'straight.jsonl'}", cwd=tmp_path,
+                         log=tmp_path / "straight.log")
     killed_dir, checkpoint = tmp_path / "killed", tmp_path / "killed" / "checkpoints" / "last.ckpt"
     logged = [f"hydra.run.dir={killed_dir}", f"+callbacks.lrs.path={tmp_path / 'killed.jsonl'}"]
     for kill_at, saved_step in ((3, 2), (9, 8), (11, 10)):
@@ -244,6 +245,7 @@ def test_lp_ft_killed_mid_probe_at_the_boundary_and_mid_finetune_resumes_bitwise
         assert _weights(killed_dir)["global_step"] == saved_step
     resumed = run_cli("finetune.train", *run, *logged, f"ckpt_path={checkpoint}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert straight.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
 
     expected, actual = _weights(tmp_path / "straight"), _weights(killed_dir)
     for name in expected["state_dict"]:
