@@ -99,7 +99,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.ticker
 
     names = [row["strategy"] for row in rows]
-    colors = [plt.cm.tab10(i) for i in range(len(rows))]
+    # one distinct colour per strategy: tab10 holds ten, tab20 twenty
+    palette = plt.cm.tab10 if len(rows) <= 10 else plt.cm.tab20
+    colors = [palette(i % palette.N) for i in range(len(rows))]
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(19, 5.4))
     for row, color in zip(rows, colors):
         total = row["fit_seconds"] + (row.get("extract_seconds") or 0.0)
