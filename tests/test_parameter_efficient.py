@@ -153,6 +153,7 @@ def test_the_adapter_is_under_a_tenth_of_the_checkpoint(tmp_path, backbone):
     ("[bn1]", r"lora cannot adapt backbone layer bn1 \(BatchNormAct2d\): it adapts Linear, Conv1d, Conv2d, Conv3d"),
     ("[attn.qkv]", r"strategy.target_modules=\['attn.qkv'\] matches no layer .* include: conv_stem"),
     ("'blocks\\.9\\..*'", r"matches no layer"),
+    ("'blocks.(conv'", r"is neither auto nor a valid regex \(missing \), unterminated subpattern"),
 ])
 def test_a_target_peft_cannot_serve_is_refused_in_one_line(tmp_path, targets, message):
     with pytest.raises(ConfigError, match=message) as refused:

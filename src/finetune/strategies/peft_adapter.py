@@ -54,7 +54,12 @@ class PeftAdapter(BackboneSubset):
         if spec == "auto":
             names = [n for n, layer in layers.items() if is_pointwise_or_linear(layer)]
         elif isinstance(spec, str):
-            names = [n for n in layers if n and re.fullmatch(spec, n)]
+            try:
+                pattern = re.compile(spec)
+            except re.error as err:
+                raise ConfigError(f"strategy.target_modules={spec!r} is neither auto nor a valid regex ({err}); "
+                                  f"give auto, a list of layer names, or a regex") from None
+            names = [n for n in layers if n and pattern.fullmatch(n)]
         else:
             names = [n for n in layers if n and any(n == t or n.endswith(f".{t}") for t in spec)]
         if not names:
