@@ -33,6 +33,36 @@ def run_cli(module: str, *overrides: str, cwd: Path) -> subprocess.CompletedProc
                           env=cli_env(), timeout=300)
 
 
+def run_main(module: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    """An entry point's main() in this process, with the command line in sys.argv: the code path of run_cli without
+    a new interpreter's ten seconds of imports, for tests of what a mistake prints and the exit code it gives."""
+    import contextlib
+    import importlib
+    import io
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    main = importlib.import_module(module).main
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved = sys.argv, os.getcwd(), logging.root.handlers[:], logging.root.level
+    sys.argv = [f"{module.replace('.', '/')}.py", *overrides]
+    os.chdir(cwd)
+    GlobalHydra.instance().clear()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:  # Hydra configured logging for the job: give pytest its handlers back
+        sys.argv, cwd_before, logging.root.handlers[:], level = saved
+        logging.root.setLevel(level)
+        os.chdir(cwd_before)
+        GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess(sys.argv, code, stdout.getvalue(), stderr.getvalue())
+
+
 def start_cli(module: str, *overrides: str, cwd: Path, log: Path) -> subprocess.Popen:
     """The CLI in the background, its output into `log`, for tests that run several at once."""
     with open(log, "w") as output:
@@ -58,14 +88,14 @@ def test_fast_dev_run_from_the_command_line(tmp_path, strategy):
 
 
 def test_unknown_strategy_lists_the_choices(tmp_path):
-    result = run_cli("finetune.train", "strategy=frozen", cwd=tmp_path)
+    result = run_main("finetune.train", "strategy=frozen", cwd=tmp_path)
     assert result.returncode != 0
     for choice in ("cached", "freeze", "full", "no_grad"):
         assert choice in result.stderr
 
 
 def test_config_mistake_is_one_line_naming_field_and_choices(tmp_path):
-    result = run_cli("finetune.train", *TINY, "strategy=freeze", "strategy.modules=[nope]",
+    result = run_main("finetune.train", *TINY, "strategy=freeze", "strategy.modules=[nope]",
                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2
     assert "error: strategy.modules entry 'nope' names no submodule" in result.stderr

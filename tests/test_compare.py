@@ -6,7 +6,7 @@ import csv
 import json
 
 from finetune.report import collect_runs, format_text, write_report
-from tests.test_cli import run_cli
+from tests.test_cli import run_cli, run_main
 
 
 def fake_multirun(folder):
@@ -50,7 +50,7 @@ def test_compare_from_cli_on_an_existing_multirun(tmp_path):
 
 
 def test_compare_rejects_an_unknown_strategy(tmp_path):
-    result = run_cli("finetune.compare", "compare.strategies=[full,frozen]", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    result = run_main("finetune.compare", "compare.strategies=[full,frozen]", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     from finetune.config import strategy_names
 
     assert result.returncode == 2 and f"choose from: {', '.join(strategy_names())}" in result.stderr

@@ -13,7 +13,7 @@ from finetune.data.image_folder import CorruptImageError
 from finetune.errors import ConfigError, OfflineError
 from finetune.train import build
 from tests.conftest import TINY, compose_config
-from tests.test_cli import run_cli
+from tests.test_cli import run_cli, run_main
 
 NO_DATA = [o for o in TINY if not o.startswith("data")]
 
@@ -56,7 +56,7 @@ def test_a_backbone_whose_width_does_not_match_its_declaration_is_caught():
 
 
 def test_bad_values_on_the_command_line_are_one_line_with_exit_code_2(tmp_path):
-    result = run_cli("finetune.train", *TINY, "optimizer.lr=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    result = run_main("finetune.train", *TINY, "optimizer.lr=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: optimizer.lr=0 must be a positive number"
     assert "Traceback" not in result.stderr

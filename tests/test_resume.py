@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import TINY, compose_config, fit
-from tests.test_cli import run_cli
+from tests.test_cli import run_main
 
 # Killed with SIGKILL mid-epoch and resumed, bitwise against an uninterrupted run: tests/test_staged.py, whose lp_ft run
 # is killed mid-probe (cached features), at the phase boundary and mid-finetune (the whole backbone training, every
@@ -14,7 +14,7 @@ from tests.test_cli import run_cli
 
 def test_resuming_with_another_strategy_is_refused_clearly(tmp_path):
     fit(compose_config(tmp_path / "a", [*TINY, "strategy=freeze", "trainer.max_epochs=1"]))
-    second = run_cli("finetune.train", *TINY, "strategy=full", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
+    second = run_main("finetune.train", *TINY, "strategy=full", f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}",
                      f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
     assert second.returncode == 2
     assert "error: checkpoint was trained with strategy=freeze, this run uses strategy=full" in second.stderr
