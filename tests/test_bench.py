@@ -5,18 +5,27 @@ from __future__ import annotations
 
 import json
 
-from finetune.bench import bench_strategy_names, benchmark, format_table
+from finetune.bench import bench_strategy_names, benchmark, format_table, parse_args
 
 TINY_BENCH = ["--device", "cpu", "--models", "test_efficientnet", "--image-size", "32", "--batch-size", "4",
               "--cached-batch-size", "16", "--num-classes", "5", "--warmup", "1", "--steps", "2", "--repeats", "2"]
 
 
-def test_benchmark_measures_template_raw_and_naive_for_every_strategy(tmp_path):
-    out = tmp_path / "bench.json"
-    rows = benchmark([*TINY_BENCH, "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+# one of each kind: images, stored features, a staged strategy in its last phase, injected adapters (the README's
+# bench command runs every strategy once)
+KINDS = ["full", "cached", "lp_ft@finetune", "lora"]
+
+
+def test_the_benchmark_covers_every_strategy_config_by_default():
     # every strategy config, none listed by hand; a staged one in its last phase (gradual@all, lp_ft@finetune)
-    assert [r["strategy"] for r in rows] == bench_strategy_names()
-    assert {"full", "cached", "gradual@all", "lp_ft@finetune"} <= {r["strategy"] for r in rows}
+    assert parse_args([]).strategies == bench_strategy_names()
+    assert {"full", "cached", "gradual@all", *KINDS} <= set(bench_strategy_names())
+
+
+def test_benchmark_measures_template_raw_and_naive_for_each_kind_of_strategy(tmp_path):
+    out = tmp_path / "bench.json"
+    rows = benchmark([*TINY_BENCH, "--strategies", *KINDS, "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert [r["strategy"] for r in rows] == KINDS
     for row in rows:
         assert row["template_samples_per_second"] > 0 and row["raw_samples_per_second"] > 0
         template, raw = row["template_samples_per_second"], row["raw_samples_per_second"]

@@ -54,3 +54,34 @@ def test_compare_rejects_an_unknown_strategy(tmp_path):
     from finetune.config import strategy_names
 
     assert result.returncode == 2 and f"choose from: {', '.join(strategy_names())}" in result.stderr
+
+
+def test_compare_starts_the_next_strategy_as_soon_as_any_running_one_finishes(monkeypatch, tmp_path):
+    """jobs=2: a slot freed by a short run is taken at once, not after the oldest run ends; a failed run is reported
+    and the others go on."""
+    from finetune import compare
+
+    finished, seen_running = [], {}
+
+    class Run:  # stands in for a finetune-train process: done after `polls` polls, exit 1 for "bad"
+        def __init__(self, command):
+            self.strategy = next(w for w in command if w.startswith("strategy=")).split("=", 1)[1]
+            self.polls, self.returncode = {"long": 40}.get(self.strategy, 2), None
+            seen_running[self.strategy] = [s for s in ("long", "short", "bad", "last") if s in started
+                                           and s not in finished]
+            started.append(self.strategy)
+
+        def poll(self):
+            self.polls -= 1
+            if self.polls <= 0 and self.returncode is None:
+                self.returncode = int(self.strategy == "bad")
+                finished.append(self.strategy)
+            return self.returncode
+
+    started: list[str] = []
+    monkeypatch.setattr(compare.subprocess, "Popen", Run)
+    monkeypatch.setattr(compare.time, "sleep", lambda seconds: None)
+    failed = compare.run_strategies(["long", "short", "bad", "last"], [], tmp_path, jobs=2)
+    assert failed == ["bad"] and started == ["long", "short", "bad", "last"]
+    assert seen_running["last"] == ["long"], "the last started while the long one still ran"
+    assert finished[-1] == "long"

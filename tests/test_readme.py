@@ -203,6 +203,6 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
 
         tiny = ["--models", "test_efficientnet", "--image-size", "32", "--batch-size", "4", "--cached-batch-size",
                 "16", "--num-classes", "5", "--warmup", "1", "--steps", "2", "--repeats", "1", "--no-naive",
-                "--strategies", "full", "cached",  # every strategy: tests/test_bench.py
+                "--strategies", "full", "cached",  # each kind of strategy: tests/test_bench.py
                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "bench.json")]
         assert benchmark([*words[1:], *tiny])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -43,10 +44,14 @@ def run_strategies(strategies: list[str], overrides: list[str], output_dir: Path
             command = [sys.executable, "-m", "finetune.train", *overrides, f"strategy={strategy}",
                        f"hydra.run.dir={run_dir}"]
             running.append((strategy, subprocess.Popen(command)))
-        strategy, process = running.pop(0)
-        if process.wait() != 0:
-            log.error("compare: strategy=%s failed; see %s", strategy, output_dir / strategy / "train.log")
-            failed.append(strategy)
+        # the next to start takes the place of whichever finished first, not of the oldest
+        while not (done := [job for job in running if job[1].poll() is not None]):
+            time.sleep(0.2)
+        for strategy, process in done:
+            running.remove((strategy, process))
+            if process.returncode != 0:
+                log.error("compare: strategy=%s failed; see %s", strategy, output_dir / strategy / "train.log")
+                failed.append(strategy)
     return failed
 
 
