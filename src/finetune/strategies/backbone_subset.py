@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from finetune.errors import ConfigError
-from finetune.strategies.base import FreezingStrategy, names_under
+from finetune.strategies.base import FreezingStrategy, batchnorm_tensors, names_under
 
 
 class BackboneSubset(FreezingStrategy):
@@ -40,14 +40,11 @@ class BackboneSubset(FreezingStrategy):
             param.requires_grad_(name in trained)
         self.restore_eval_modes(module)
 
-    def batchnorms(self, module) -> dict[str, nn.Module]:
-        return {f"backbone.{n}": m for n, m in module.backbone.named_modules() if isinstance(m, _BatchNorm)}
-
     def eval_modules(self, module) -> list[nn.Module]:
-        return list(self.batchnorms(module).values()) if self.freeze_bn_stats else []
+        return [m for m in module.backbone.modules() if isinstance(m, _BatchNorm)] if self.freeze_bn_stats else []
 
     def frozen_names(self, module) -> set[str]:
         frozen = names_under(module, ["backbone"]) - self.trained_names(module)
         if not self.freeze_bn_stats:  # running statistics follow the data
-            frozen -= names_under(module, list(self.batchnorms(module)), parameters=False)
+            frozen -= batchnorm_tensors(module, parameters=False)
         return frozen

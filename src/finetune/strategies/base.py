@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 if TYPE_CHECKING:
     from lightning import LightningDataModule
@@ -115,3 +116,9 @@ def names_under(module: FinetuneModule, prefixes: list[str], *, parameters: bool
     if buffers:
         named += [n for n, _ in module.named_buffers()]
     return {n for n in named if any(n == p or n.startswith(p + ".") for p in prefixes)}
+
+
+def batchnorm_tensors(module: nn.Module, parameters: bool = True) -> set[str]:
+    """Names of every BatchNorm's buffers (running statistics) and, with `parameters`, its affine weights."""
+    return {f"{mn}.{n}" for mn, m in module.named_modules() if isinstance(m, _BatchNorm)
+            for n, _ in [*(m.named_parameters() if parameters else []), *m.named_buffers()]}

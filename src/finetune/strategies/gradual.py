@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from finetune.errors import ConfigError
 from finetune.optim import backbone_layers, check_part_names
-from finetune.strategies.base import FreezingStrategy, Phase, phase_field_names
+from finetune.strategies.base import FreezingStrategy, Phase, batchnorm_tensors, phase_field_names
 from finetune.strategies.cached import CachedFeatures
 
 log = logging.getLogger(__name__)
@@ -77,12 +77,6 @@ def _refuse_overlaps(resolved: list[list[tuple[str, list[str]]]], key: str = "st
                                       f"each part unfreezes once and stays unfrozen; list only what unfreezes then, "
                                       f"and `all` last, for whatever is left")
             seen.append((k, entry, roots))
-
-
-def batchnorm_tensors(module: nn.Module, parameters: bool = True) -> set[str]:
-    """Names of every BatchNorm's buffers (running statistics) and, with `parameters`, its affine weights."""
-    return {f"{mn}.{n}" for mn, m in module.named_modules() if isinstance(m, _BatchNorm)
-            for n, _ in [*(m.named_parameters() if parameters else []), *m.named_buffers()]}
 
 
 def top_layers(backbone: nn.Module, count: int) -> list[list[str]]:
