@@ -11,9 +11,9 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.classifier import read_checkpoint, without_weights
 from finetune.config import CONFIG_DIR, instantiate, report_user_errors
 from finetune.errors import ConfigError
 from finetune.train import build_images_and_module
@@ -23,18 +23,10 @@ log = logging.getLogger("finetune")
 
 def load_for_eval(ckpt_path: str, batch_size: int | None = None):
     """(module with the checkpoint's weights, image datamodule) for the run that wrote `ckpt_path`."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    saved = (checkpoint.get("finetune") or {}).get("config")
-    if saved is None:
-        raise ConfigError(f"{ckpt_path} was not written by finetune-train (it holds no run config)")
-    cfg = OmegaConf.create(saved)
-    # the checkpoint holds the weights: build the architecture without downloading or reading any
-    no_weights = {key: value for key, value in (("pretrained", False), ("checkpoint_path", None)) if key in cfg.backbone}
+    checkpoint = read_checkpoint(ckpt_path)
+    cfg = OmegaConf.create(checkpoint["finetune"]["config"])
     # raw images, never the training-time feature cache: eval runs the backbone even for `cached`
-    images, module = build_images_and_module(cfg, backbone_overrides=no_weights,
+    images, module = build_images_and_module(cfg, backbone_overrides=without_weights(cfg.backbone),
                                              data_overrides={"eval_batch_size": batch_size} if batch_size else None)
     module.load_state_dict(checkpoint["state_dict"], strict=True)
     return module, images

@@ -26,7 +26,8 @@ class FinetuneModule(LightningModule):
                  num_classes: int, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: Callable[[int, int], float] | None = None, channels_last: bool = True,
                  compile: bool = False, run_config: dict | None = None, layer_decay: float | None = None,
-                 lr_mult: dict[str, float] | None = None):
+                 lr_mult: dict[str, float] | None = None, class_names: list[str] | None = None,
+                 preprocessing: dict | None = None):
         super().__init__()
         # the whole resolved run config, so every logger (CSV hparams.yaml, TensorBoard's HPARAMS, MLflow params) can
         # tell runs apart by strategy, lr, backbone ...; Lightning logs these once, at fit start
@@ -41,6 +42,11 @@ class FinetuneModule(LightningModule):
         self.schedule_shape = scheduler or constant  # lr factor at (step in segment, segment length)
         self.layer_decay, self.lr_mult = layer_decay, dict(lr_mult or {})
         self.run_config = run_config
+        # what a prediction needs besides the weights, written into every checkpoint (finetune.load_model reads it)
+        self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise ConfigError(f"{len(self.class_names)} class names for {num_classes} classes")
+        self.preprocessing = preprocessing
         self.criterion = nn.CrossEntropyLoss()
         # Per-stage metrics accumulate on the device every step and are logged once an epoch: Lightning's self.log
         # costs milliseconds of Python per call, which a frozen backbone's step cannot hide. validate_args=False: the
@@ -158,7 +164,8 @@ class FinetuneModule(LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["finetune"] = {"strategy": self.strategy.name, "config": self.run_config}
+        checkpoint["finetune"] = {"strategy": self.strategy.name, "config": self.run_config,
+                                  "class_names": self.class_names, "preprocessing": self.preprocessing}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("finetune", {}).get("strategy")

@@ -26,24 +26,33 @@ LR_LAYOUT_KEYS = ("layer_decay", "lr_mult")
 def build_images_and_module(cfg: DictConfig, backbone_overrides: dict | None = None,
                             data_overrides: dict | None = None) -> tuple[ImageDataModule, FinetuneModule]:
     """The image datamodule and the module a config describes, checked before any heavy work."""
-    lr = cfg.optimizer.get("lr") if cfg.get("optimizer") else None
-    if lr is not None and not float(lr) > 0:
-        raise ConfigError(f"optimizer.lr={lr} must be a positive number")
+    check_lr(cfg)
     strategy = instantiate(cfg.strategy)
     backbone = instantiate(cfg.backbone, **(backbone_overrides or {}))
     images = instantiate(cfg.data, **(data_overrides or {}))
     images.configure_preprocessing(backbone.data_config)
     backbone.check_input_size(images.image_size)
+    module = build_module(cfg, backbone, strategy, images.class_names, images.inference_preprocessing())
+    return images, module
+
+
+def check_lr(cfg: DictConfig) -> None:
+    lr = cfg.optimizer.get("lr") if cfg.get("optimizer") else None
+    if lr is not None and not float(lr) > 0:
+        raise ConfigError(f"optimizer.lr={lr} must be a positive number")
+
+
+def build_module(cfg: DictConfig, backbone, strategy, class_names: list[str], preprocessing: dict) -> FinetuneModule:
+    """The module of a run config around a built backbone and strategy (no data needed: load_model uses it too)."""
     # per-layer learning rates are ours, not the optimizer's keyword arguments
     optimizer = OmegaConf.masked_copy(cfg.optimizer, [k for k in cfg.optimizer if k not in LR_LAYOUT_KEYS])
     lr_layout = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
                  for k, v in cfg.optimizer.items() if k in LR_LAYOUT_KEYS}
-    module = FinetuneModule(backbone=backbone, head=instantiate(cfg.head), strategy=strategy,
-                            num_classes=images.num_classes, optimizer=instantiate(optimizer),
-                            scheduler=instantiate(cfg.scheduler), channels_last=cfg.get("channels_last", True),
-                            compile=cfg.get("compile", False), run_config=OmegaConf.to_container(cfg, resolve=True),
-                            **lr_layout)
-    return images, module
+    return FinetuneModule(backbone=backbone, head=instantiate(cfg.head), strategy=strategy,
+                          num_classes=len(class_names), optimizer=instantiate(optimizer),
+                          scheduler=instantiate(cfg.scheduler), channels_last=cfg.get("channels_last", True),
+                          compile=cfg.get("compile", False), run_config=OmegaConf.to_container(cfg, resolve=True),
+                          class_names=class_names, preprocessing=preprocessing, **lr_layout)
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, FinetuneModule]:

@@ -11,11 +11,11 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
 
+from finetune.data.preprocessing import normalisation_tensors, to_model_input
 from finetune.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -174,6 +174,7 @@ class ImageDataModule(SplitLoaders):
         self.configure_preprocessing({})
 
     augmentations: tuple[str, ...] = ("none",)  # the last is the default
+    geometry = "none"  # in-memory images at their native size; image files are resized and cropped (GEOMETRIES)
 
     def disable_augmentation(self) -> None:
         self.augment = "none"
@@ -226,27 +227,25 @@ class ImageDataModule(SplitLoaders):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 1|3, h, w] on any device -> normalised float [B, 3, S, S] on the same device."""
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255)
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        size = self.image_size
-        if images.shape[-2:] != (size, size):
-            mode = self.preprocessing["interpolation"]
-            smooth = mode != "nearest"
-            images = F.interpolate(images, size=(size, size), mode=mode, antialias=smooth,
-                                   align_corners=False if smooth else None)
-        mean, std = self._normalisation(images.device)
-        return (images - mean) / std
+        return to_model_input(images, self.preprocessing, *self._normalisation(images.device))
 
     def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """mean/std as [1, 3, 1, 1] tensors on `device`, copied there once (a copy per batch would sync the GPU)."""
         key = (str(device), tuple(self.preprocessing["mean"]), tuple(self.preprocessing["std"]))
         if getattr(self, "_normalisation_key", None) != key:
-            self._normalisation_tensors = tuple(torch.tensor(self.preprocessing[name]).view(1, 3, 1, 1).to(device)
-                                                for name in ("mean", "std"))
+            self._normalisation_tensors = normalisation_tensors(self.preprocessing, device)
             self._normalisation_key = key
         return self._normalisation_tensors
+
+    @property
+    def class_names(self) -> list[str]:
+        """What each label means, stored in every checkpoint for prediction; the label numbers unless a subclass
+        knows better (folder names, a dataset's `classes`)."""
+        return [str(label) for label in range(self.num_classes)]
+
+    def inference_preprocessing(self) -> dict[str, Any]:
+        """Everything that turns an image file into this model's input (finetune.data.preprocessing)."""
+        return {**self.preprocessing, "geometry": self.geometry}
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch

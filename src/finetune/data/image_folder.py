@@ -15,27 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
 from finetune.data.files import FileImageDataModule
+from finetune.data.preprocessing import CorruptImageError, load_rgb
 from finetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class CorruptImageError(ConfigError):
-    """An image file that PIL cannot decode; the message names it."""
-
-
-def load_rgb(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise CorruptImageError(f"cannot read image {path}: {err}") from None
 
 
 class LabelledFiles(Dataset):
@@ -142,6 +130,11 @@ class ImageFolderDataModule(FileImageDataModule):
     def num_classes(self) -> int:
         self.samples  # noqa: B018 - scanning fills the class list
         return len(self._classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        self.samples  # noqa: B018 - scanning fills the class list
+        return list(self._classes)
 
     @property
     def dataset_id(self) -> dict:

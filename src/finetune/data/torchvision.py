@@ -98,6 +98,11 @@ class TorchvisionDataModule(FileImageDataModule):
         return int(_labels(dataset).max()) + 1
 
     @property
+    def class_names(self) -> list[str]:
+        classes = getattr(self.datasets["train"][0], "classes", None)
+        return [str(c) for c in classes] if classes is not None else super().class_names
+
+    @property
     def dataset_id(self) -> dict:
         sizes = {split: len(indices) for split, (_, indices) in self.datasets.items()}
         return {"name": f"torchvision.{self.name}", "root": str(Path(self.root).resolve()), "sizes": sizes,
