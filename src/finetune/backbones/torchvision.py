@@ -10,14 +10,18 @@ from finetune.backbones.base import Backbone, network_error_types
 from finetune.errors import ConfigError, OfflineError
 
 
+def classifier_name(model: nn.Module) -> str:
+    """Where a torchvision model keeps its classifier: its last Linear layer (fc, classifier.1, heads.head ...)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ConfigError(f"{type(model).__name__} has no Linear classifier")
+    return names[-1]
+
+
 def _replace_classifier(model: nn.Module) -> int:
-    """Swap the last Linear layer (fc, classifier[-1], heads.head ...) for Identity; return its input width."""
-    last_name, last = None, None
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last_name, last = module_name, module
-    if last is None:
-        raise ConfigError(f"{type(model).__name__} has no Linear classifier to replace")
+    """Swap the classifier for Identity; return its input width."""
+    last_name = classifier_name(model)
+    last = model.get_submodule(last_name)
     parent_name, _, child = last_name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
     return last.in_features

@@ -102,6 +102,10 @@ class FreezingStrategy:
         strategies their adapter); returns what metrics.json should say about them."""
         return {}
 
+    def plain_backbone(self, module: FinetuneModule) -> nn.Module:
+        """The backbone as a plain model of its library, for export (a peft strategy merges its adapters into it)."""
+        return module.backbone
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"

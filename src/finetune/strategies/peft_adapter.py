@@ -101,6 +101,9 @@ class PeftAdapter(BackboneSubset):
         self._peft_model = None
         return module.backbone
 
+    def plain_backbone(self, module) -> nn.Module:
+        return self.merge(module) if self._peft_model is not None else module.backbone
+
     def save_adapter(self, module, folder: str | Path) -> Path:
         """peft's adapter_config.json + adapter_model.safetensors (PeftModel.from_pretrained(backbone, folder) loads
         them without this package), and the head in head.safetensors."""
