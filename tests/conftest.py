@@ -47,7 +47,7 @@ def fit(cfg, *, test: bool = False):
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
-                          logger=instantiate_all(cfg.get("logger")) or False)
+                          logger=instantiate_all(cfg.get("logger"), "logger") or False)
     trainer.fit(module, datamodule=datamodule)
     if test:
         trainer.test(module, datamodule=datamodule, verbose=False)

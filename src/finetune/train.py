@@ -61,8 +61,34 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, FinetuneModule]:
     return module.strategy.wrap_datamodule(images, module), module
 
 
-def instantiate_all(group: DictConfig | None) -> list:
-    return [instantiate(item) for item in (group or {}).values() if item is not None and "_target_" in item]
+def instantiate_all(group: DictConfig | None, group_name: str = "callbacks") -> list:
+    built = []
+    for key, item in (group or {}).items():
+        if item is None or "_target_" not in item:
+            continue
+        try:
+            built.append(instantiate(item))
+        except Exception as err:
+            missing = missing_package(err)
+            if missing is None:
+                raise
+            extra = f"pip install 'finetune[{key}]'" if key in OPTIONAL_EXTRAS else "install it"
+            raise ConfigError(f"{group_name}.{key} needs a package that is not installed ({missing}); {extra}, or "
+                              f"choose another {group_name}") from None
+    return built
+
+
+# loggers whose package is an optional extra of the same name (pyproject.toml)
+OPTIONAL_EXTRAS = ("tensorboard", "mlflow", "wandb")
+
+
+def missing_package(err: BaseException | None) -> str | None:
+    """The first line of the ModuleNotFoundError behind `err` (Hydra wraps what a _target_ raised), if any."""
+    while err is not None:
+        if isinstance(err, ModuleNotFoundError):
+            return str(err).strip().splitlines()[0] if str(err).strip() else "ModuleNotFoundError"
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def train(cfg: DictConfig) -> dict:
@@ -72,11 +98,14 @@ def train(cfg: DictConfig) -> dict:
         torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     datamodule, module = build(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
-                                     logger=instantiate_all(cfg.get("logger")) or False)
-    with ddp_ranks_join_this_job(trainer):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        last_val = trainer.callback_metrics.get("val/acc")
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=_best_or_current(trainer), verbose=False)
+                                     logger=instantiate_all(cfg.get("logger"), "logger") or False)
+    try:
+        with ddp_ranks_join_this_job(trainer):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            last_val = trainer.callback_metrics.get("val/acc")
+            tested = trainer.test(module, datamodule=datamodule, ckpt_path=_best_or_current(trainer), verbose=False)
+    finally:
+        finish_tracker_runs(trainer.loggers)
     metrics = _run_metrics(cfg, trainer, module, datamodule, tested[0] if tested else {}, last_val)
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
@@ -86,6 +115,16 @@ def train(cfg: DictConfig) -> dict:
         print(f"test accuracy {metrics['test_acc']:.4f} (val {metrics['val_acc'] or float('nan'):.4f}, "
               f"strategy={metrics['strategy']}, {metrics['fit_seconds']:.1f}s fit)\nrun directory: {output_dir}")
     return metrics
+
+
+def finish_tracker_runs(loggers: list) -> None:
+    """W&B keeps its run open until the process exits: finish it, so that the next job of a sweep in this process (an
+    Optuna trial) starts a run of its own instead of logging into this one."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def _best_or_current(trainer: L.Trainer) -> str | None:
