@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import hydra
@@ -102,17 +103,19 @@ def train(cfg: DictConfig) -> dict:
     try:
         with ddp_ranks_join_this_job(trainer):
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-            last_val = trainer.callback_metrics.get("val/acc")
+            last_val, last_val_loss = (trainer.callback_metrics.get(f"val/{name}") for name in ("acc", "loss"))
             tested = trainer.test(module, datamodule=datamodule, ckpt_path=_best_or_current(trainer), verbose=False)
     finally:
         finish_tracker_runs(trainer.loggers)
-    metrics = _run_metrics(cfg, trainer, module, datamodule, tested[0] if tested else {}, last_val)
+    metrics = _run_metrics(cfg, trainer, module, datamodule, tested[0] if tested else {}, last_val,
+                           last_val_loss)
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
         # what the strategy keeps of the tested weights (trainer.test loaded them): the peft strategies' adapter
         metrics.update(module.strategy.write_outputs(module, output_dir))
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        print(f"test accuracy {metrics['test_acc']:.4f} (val {metrics['val_acc'] or float('nan'):.4f}, "
+        val = float("nan") if metrics["val_acc"] is None else metrics["val_acc"]
+        print(f"test accuracy {metrics['test_acc']:.4f} (val {val:.4f}, "
               f"strategy={metrics['strategy']}, {metrics['fit_seconds']:.1f}s fit)\nrun directory: {output_dir}")
     return metrics
 
@@ -134,7 +137,7 @@ def _best_or_current(trainer: L.Trainer) -> str | None:
     return checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
 
 
-def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val) -> dict:
+def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val, last_val_loss) -> dict:
     meter = next((c for c in trainer.callbacks if isinstance(c, RunMeter)), RunMeter())
     images = getattr(datamodule, "images", datamodule)
     checkpoint = trainer.checkpoint_callback
@@ -147,6 +150,7 @@ def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val) -> di
         "backbone": module.backbone_name,
         "data": cfg.data._target_.rsplit(".", 1)[-1],
         "val_acc": float(best_val) if best_val is not None else None,
+        "val_loss": float(last_val_loss) if last_val_loss is not None else None,  # the last epoch's
         "test_acc": float(tested.get("test/acc", float("nan"))),
         "test_loss": float(tested.get("test/loss", float("nan"))),
         "fit_seconds": round(meter.fit_seconds, 3),
@@ -179,11 +183,25 @@ def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val) -> di
     return metrics
 
 
+# what optimized_metric may name, and where metrics.json keeps it
+OPTIMIZABLE = {"val/acc": "val_acc", "val/loss": "val_loss", "test/acc": "test_acc", "test/loss": "test_loss"}
+
+
+def objective(cfg: DictConfig, metrics: dict | None = None) -> float | None:
+    """The value of `optimized_metric` (default val/acc) a run returns to a Hydra sweeper such as Optuna's; None
+    (a failed trial) when it is not a finite number. Without `metrics`, only checks the name."""
+    name = cfg.get("optimized_metric") or "val/acc"
+    if name not in OPTIMIZABLE:
+        raise ConfigError(f"optimized_metric={name!r}; choose one of: {', '.join(OPTIMIZABLE)}")
+    value = metrics.get(OPTIMIZABLE[name]) if metrics is not None else None
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @report_user_errors
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    return metrics.get("val_acc")  # returned for Hydra sweepers that optimise a metric
+    objective(cfg)  # a misspelt metric fails before any training
+    return objective(cfg, train(cfg))
 
 
 if __name__ == "__main__":
