@@ -67,6 +67,7 @@ def test_one_file_takes_uint8_batches_of_any_size_and_matches_the_module(lora_ru
     ckpt, paths = lora_run
     saved = export(str(ckpt), fmt, tmp_path)
     assert saved["parity_max_abs_logit_diff"] < 1e-4 and saved["parity_batch"] == 3  # traced on a batch of 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.json", saved["file"]])  # one file
     model = load_model(ckpt, device="cpu")
     from PIL import Image
 

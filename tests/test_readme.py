@@ -20,7 +20,7 @@ import torch
 from finetune.errors import OfflineError
 from finetune.train import train
 from tests.conftest import TESTS_DIR, compose_config, make_image_folder
-from tests.test_cli import run_cli
+from tests.test_cli import run_cli, run_main
 
 ROOT = TESTS_DIR.parent
 # appended after the command's own overrides (the last value wins): what it composes and runs is the command's
@@ -45,6 +45,8 @@ def kind(command: str) -> str | None:
     if words[:3] == ["python", "-m", "pytest"]:
         return "tests"
     if words[0] == "finetune-train":
+        if any(w.startswith("hparams_search=") for w in words):
+            return "search"
         if "-m" in words:
             return "sweep"
         if any(w.startswith(("backbone=timm", "backbone=torchvision")) for w in words):
@@ -52,7 +54,7 @@ def kind(command: str) -> str | None:
         return "train"
     if words[0] == "finetune-compare":
         return "compare_from" if any(w.startswith("from=") for w in words) else "compare"
-    if words[0] in ("finetune-eval", "finetune-cache"):
+    if words[0] in ("finetune-eval", "finetune-cache", "finetune-predict", "finetune-export"):
         return words[0].removeprefix("finetune-")
     if words[0] == "finetune-bench":
         return "bench_cuda" if "cuda" in words else "bench"
@@ -81,7 +83,7 @@ def shared(tmp_path_factory):
 def substitute(words: list[str], shared: dict) -> list[str]:
     replaced = []
     for word in words:
-        word = word.replace("~/pets", str(shared["pets"]))
+        word = word.replace("~/pets", str(shared["pets"])).replace("~/photos", str(shared["pets"] / "val"))
         word = word.replace("file://my_configs", f"file://{TESTS_DIR / 'extension' / 'configs'}")
         replaced.append(word)
     return replaced
@@ -109,6 +111,11 @@ def sweep(shared) -> tuple[Path, object]:
     result = run_cli("finetune.train", *with_small_settings(words), f"paths.cache_dir={shared['cache']}",
                      f"hydra.sweep.dir={sweep_dir}", cwd=shared["root"])
     return sweep_dir, result
+
+
+def main_checkpoint(request, text: str) -> str:
+    """A README path to a run's checkpoint, pointed at the main job's run."""
+    return text.replace("logs/train/runs/<run>", str(request.getfixturevalue("main_run")))
 
 
 def check_parameter_efficient_runs(runs: dict, rows: dict, tmp_path: Path) -> None:
@@ -193,6 +200,26 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         result = run_cli("finetune.compare", f"from={source}", f"hydra.run.dir={tmp_path / 'report'}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "full" in result.stdout and (tmp_path / "report" / "comparison.csv").exists()
+    elif how in ("predict", "export"):
+        result = run_main(f"finetune.{how}", *[main_checkpoint(request, w) for w in substitute(words[1:], shared)],
+                          "progress_bar=false" if how == "predict" else "opset=18", f"hydra.run.dir={tmp_path}",
+                          cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if how == "predict":
+            rows = (tmp_path / "predictions.csv").read_text().splitlines()
+            assert len(rows) == 1 + len(list((shared["pets"] / "val").rglob("*.png")))
+            assert rows[0].startswith("path,class_1,probability_1") and rows[1].split(",")[1] in "0123456789"
+        else:
+            exported = json.loads((tmp_path / "model.json").read_text())
+            assert exported["class_names"] == [str(d) for d in range(10)]
+            assert exported["parity_max_abs_logit_diff"] < 1e-4
+    elif how == "search":
+        sweep_dir = tmp_path / "search"
+        result = run_main("finetune.train", *with_small_settings(words[1:]), "hydra.sweeper.n_trials=3",
+                          f"paths.cache_dir={shared['cache']}", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        best = json.loads((sweep_dir / "best.json").read_text())
+        assert best["trials"] == 3 and best["failed"] == [] and Path(best["best_checkpoint"]).exists()
     elif how == "cache":
         from finetune.data.cache_cli import main as cache_main
 
@@ -206,3 +233,20 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
                 "--strategies", "full", "cached",  # each kind of strategy: tests/test_bench.py
                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "bench.json")]
         assert benchmark([*words[1:], *tiny])
+
+
+def test_readme_python_api_snippet(shared, request, tmp_path, monkeypatch):
+    """The README's load_model lines run as written, on the main job's checkpoint and two image files."""
+    from PIL import Image
+
+    text = (ROOT / "README.md").read_text()
+    (snippet,) = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "load_model" in block]
+    assert len(snippet.strip().splitlines()) <= 5
+    monkeypatch.chdir(tmp_path)
+    cat = Image.new("RGB", (40, 30), (200, 120, 40))
+    cat.save("cat.jpg")
+    Image.new("RGB", (20, 20), (10, 10, 10)).save("dog.png")
+    names = {"pil_image": cat, "uint8_tensor": torch.full((1, 8, 8), 255, dtype=torch.uint8)}
+    exec(main_checkpoint(request, snippet), names)
+    assert names["probabilities"].shape == (2, 10)
+    assert torch.allclose(names["probabilities"].sum(dim=1), torch.ones(2))

@@ -135,9 +135,12 @@ def export_onnx(module: FinetuneModule, folder: Path, images: torch.Tensor, opse
             raise ConfigError(f"format=onnx needs the {package} package: pip install 'finetune[onnx]'") from None
     wrapped = ImagesToLogits(plain_network(module), module.preprocessing).eval()
     path = folder / FILE_NAMES["onnx"]
+    # one file, weights inside, unless they pass protobuf's 2 GB limit (then model.onnx.data goes beside it)
+    weight_bytes = sum(t.numel() * t.element_size() for t in wrapped.state_dict().values())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapped, (images[:2],), str(path), dynamo=True, opset_version=opset,
+                          external_data=weight_bytes > 1_800_000_000,
                           input_names=["images"], output_names=["logits"],
                           dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, verbose=False)
     spec = {"input": "uint8 RGB [B, 3, S, S] named 'images'", "output": "logits [B, K] named 'logits'",
