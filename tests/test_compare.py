@@ -1,4 +1,5 @@
-"""The comparison report from a multirun folder (a real compare run of every strategy is in tests/test_readme.py)."""
+"""finetune-compare: its strategies in their own processes, the scheduler, and the report from a multirun folder
+(every strategy of the README's command is compared in tests/test_readme.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 import json
 
 from finetune.report import collect_runs, format_text, write_report
+from tests.conftest import TINY
 from tests.test_cli import run_cli, run_main
 
 
@@ -85,3 +87,15 @@ def test_compare_starts_the_next_strategy_as_soon_as_any_running_one_finishes(mo
     assert failed == ["bad"] and started == ["long", "short", "bad", "last"]
     assert seen_running["last"] == ["long"], "the last started while the long one still ran"
     assert finished[-1] == "long"
+
+
+def test_compare_trains_each_strategy_in_its_own_process_and_reports_them(tmp_path):
+    """The real thing, two strategies at once: each a `python -m finetune.train` child with the overrides given."""
+    out = tmp_path / "out"
+    result = run_main("finetune.compare", *TINY, "trainer.max_epochs=1", "compare.strategies=[freeze,cached]",
+                      "compare.jobs=2", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {json.loads(p.read_text())["strategy"]: json.loads(p.read_text()) for p in out.glob("*/metrics.json")}
+    assert sorted(rows) == ["cached", "freeze"] and {r["backbone"] for r in rows.values()} == {"test_efficientnet"}
+    assert (out / "freeze" / "train.log").exists() and (out / "comparison.md").exists()
+    assert "freeze" in result.stdout and "cached" in result.stdout

@@ -13,7 +13,7 @@ from finetune.data.image_folder import CorruptImageError
 from finetune.errors import ConfigError, OfflineError
 from finetune.train import build
 from tests.conftest import TINY, compose_config
-from tests.test_cli import run_cli, run_main
+from tests.test_cli import run_main
 
 NO_DATA = [o for o in TINY if not o.startswith("data")]
 
@@ -116,9 +116,9 @@ def test_corrupt_image_is_named_by_verify_before_training(tmp_path):
 def test_corrupt_image_met_in_a_worker_fails_the_run_naming_the_file(tmp_path):
     root = make_folder(tmp_path / "images")
     (root / "train" / "dog" / "2.png").write_bytes(b"\x89PNG truncated")
-    result = run_cli("finetune.train", *NO_DATA, "data=image_folder", f"data.root={root}", "data.num_workers=1",
-                     "data.image_size=16", "data.batch_size=4", "data.augment=none", "strategy=freeze",
-                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    result = run_main("finetune.train", *NO_DATA, "data=image_folder", f"data.root={root}", "data.num_workers=1",
+                      "data.image_size=16", "data.batch_size=4", "data.augment=none", "strategy=freeze",
+                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot read image ") and last.endswith(": cannot identify image file "
@@ -148,10 +148,10 @@ def test_unknown_torchvision_dataset_lists_choices():
 # -- numerical faults --------------------------------------------------------------------------------------------
 def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_cli("finetune.train", *TINY, "strategy=freeze", "trainer.max_epochs=3",
-                     "callbacks.last_checkpoint.every_n_train_steps=2",
-                     "+callbacks.poison._target_=tests.faults.PoisonWeightsAtStep", "+callbacks.poison.step=5",
-                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = run_main("finetune.train", *TINY, "strategy=freeze", "trainer.max_epochs=3",
+                      "callbacks.last_checkpoint.every_n_train_steps=2",
+                      "+callbacks.poison._target_=tests.faults.PoisonWeightsAtStep", "+callbacks.poison.step=5",
+                      f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training loss became nan at step 6 (epoch 1); last good checkpoint: ")
@@ -168,9 +168,9 @@ def test_a_failed_job_does_not_end_the_sweep(tmp_path):
     from finetune.report import collect_runs, format_text
 
     sweep = tmp_path / "sweep"
-    result = run_cli("finetune.train", "-m", *TINY, "strategy=freeze", "optimizer.lr=-1,1e-2",
-                     "+callbacks.poison._target_=tests.faults.PoisonWeightsAtStep", "+callbacks.poison.step=2,1000",
-                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    result = run_main("finetune.train", "-m", *TINY, "strategy=freeze", "optimizer.lr=-1,1e-2",
+                      "+callbacks.poison._target_=tests.faults.PoisonWeightsAtStep", "+callbacks.poison.step=2,1000",
+                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     jobs = {p.name: p for p in sweep.iterdir() if p.is_dir()}
     assert sorted(jobs) == ["0", "1", "2", "3"], "every job ran"

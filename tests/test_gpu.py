@@ -55,3 +55,19 @@ def test_compiled_backbone_trains_saves_plain_keys_and_evaluates(tmp_path):
 def test_default_precision_is_bf16_on_gpu(tmp_path):
     cfg = compose_config(tmp_path, [])
     assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_a_model_trained_on_the_gpu_predicts_and_exports_as_on_the_cpu(tmp_path):
+    """load_model puts the model on the GPU by default; its probabilities and the exported TorchScript's logits
+    agree with the CPU's (TF32 matmuls and cuDNN allow small differences)."""
+    from finetune import load_model
+    from finetune.export import export
+
+    cfg = compose_config(tmp_path, [*ON_GPU, "strategy=lora", "trainer.max_epochs=1"])
+    metrics = train(cfg)
+    images = list(torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8))
+    on_gpu, on_cpu = load_model(metrics["best_checkpoint"]), load_model(metrics["best_checkpoint"], device="cpu")
+    assert on_gpu.device.type == "cuda"
+    assert torch.allclose(on_gpu(images), on_cpu(images), atol=1e-3)
+    exported = export(metrics["best_checkpoint"], "torchscript", tmp_path / "export")
+    assert exported["parity_max_abs_logit_diff"] < 1e-4  # exported and checked on the CPU

@@ -127,3 +127,15 @@ def test_a_folder_with_no_readable_image_fails_naming_skipped_csv(folder_run, tm
     result = run_main("finetune.predict", f"ckpt_path={ckpt}", f"input={tmp_path / 'docs'}", "progress_bar=false",
                       f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
     assert result.returncode == 2 and "could be read as an image; see" in result.stderr
+
+
+def test_a_checkpoint_from_before_class_names_were_stored_falls_back_to_its_data_config(tmp_path):
+    ckpt, _ = train_tiny(tmp_path, "data=fake", "data.num_samples=32", "data.image_size=32", "data.native_size=16",
+                         "data.num_classes=4")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    expected = load_model(ckpt, device="cpu")
+    for key in ("class_names", "preprocessing"):
+        del checkpoint["finetune"][key]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    old = load_model(tmp_path / "old.ckpt", device="cpu")
+    assert old.class_names == ["0", "1", "2", "3"] and old.preprocessing == expected.preprocessing

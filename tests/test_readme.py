@@ -108,8 +108,8 @@ def sweep(shared) -> tuple[Path, object]:
     command = next(c for c in COMMANDS if kind(c) == "sweep")
     sweep_dir = shared["root"] / "sweep"
     words = shlex.split(command)[1:]
-    result = run_cli("finetune.train", *with_small_settings(words), f"paths.cache_dir={shared['cache']}",
-                     f"hydra.sweep.dir={sweep_dir}", cwd=shared["root"])
+    result = run_main("finetune.train", *with_small_settings(words), f"paths.cache_dir={shared['cache']}",
+                      f"hydra.sweep.dir={sweep_dir}", cwd=shared["root"])
     return sweep_dir, result
 
 
@@ -176,13 +176,25 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         assert result["test_acc"] == pytest.approx(json.loads((main_run / "metrics.json").read_text())["test_acc"],
                                                    abs=0.005)
     elif how == "compare":
+        from finetune import compare
+
+        class TrainInThisProcess:
+            """Each strategy's finetune-train command line, run by its main() in this process: the same job without
+            eleven interpreters' imports (tests/test_compare.py runs compare's real subprocesses)."""
+
+            def __init__(self, command: list[str]):
+                assert command[1:3] == ["-m", "finetune.train"]
+                self.returncode = run_main(command[2], *command[3:], cwd=tmp_path).returncode
+
+            def poll(self) -> int:
+                return self.returncode
+
+        monkeypatch.setattr(compare.subprocess, "Popen", TrainInThisProcess)
         out = tmp_path / "compare"
         # each strategy keeps its own epoch count (a staged one refuses fewer epochs than its phases): two steps each
-        # two at once: nothing here reads the timings
-        small = [o for o in with_small_settings(words[1:]) if o != "trainer.max_epochs=1"] + ["++trainer.max_steps=2",
-                                                                                             "compare.jobs=2"]
-        result = run_cli("finetune.compare", *small, f"paths.cache_dir={shared['cache']}",
-                         f"hydra.run.dir={out}", cwd=tmp_path)
+        small = [o for o in with_small_settings(words[1:]) if o != "trainer.max_epochs=1"] + ["++trainer.max_steps=2"]
+        result = run_main("finetune.compare", *small, f"paths.cache_dir={shared['cache']}",
+                          f"hydra.run.dir={out}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         runs = {json.loads(p.read_text())["strategy"]: p.parent for p in out.glob("*/metrics.json")}
         rows = {name: json.loads((run / "metrics.json").read_text()) for name, run in runs.items()}
