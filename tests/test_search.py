@@ -52,3 +52,15 @@ def test_an_unknown_optimized_metric_is_refused_before_training(tmp_path):
     result = run_main("finetune.train", *TINY, "optimized_metric=val/f1", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 2
     assert "optimized_metric='val/f1'; choose one of: val/acc, val/loss, test/acc, test/loss" in result.stderr
+
+
+def test_a_search_without_the_sweeper_installed_names_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name.startswith("hydra_plugins.hydra_optuna") else real(name, *args))
+    result = run_main("finetune.train", "-m", "hparams_search=head_optuna", f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: hparams_search=head_optuna needs Hydra's Optuna sweeper, which is not "
+                                     "installed: pip install 'finetune[search]'")

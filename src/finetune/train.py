@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import hydra
@@ -199,9 +201,19 @@ def objective(cfg: DictConfig, metrics: dict | None = None) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 @report_user_errors
-def main(cfg: DictConfig) -> float | None:
+def run(cfg: DictConfig) -> float | None:
     objective(cfg)  # a misspelt metric fails before any training
     return objective(cfg, train(cfg))
+
+
+def main() -> None:
+    """finetune-train. Hydra reports a missing sweeper plugin as a missing config; say which extra brings it."""
+    searches = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("hparams_search=")]
+    if any(s != "null" for s in searches) and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        print(f"error: hparams_search={searches[-1]} needs Hydra's Optuna sweeper, which is not installed: "
+              f"pip install 'finetune[search]'", file=sys.stderr)
+        sys.exit(2)
+    run()
 
 
 if __name__ == "__main__":
