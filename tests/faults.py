@@ -95,3 +95,17 @@ def weights_digest(module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+class CopyCheckpointAtStep(L.Callback):
+    """Copy last.ckpt to `copy_to` when the given optimizer step is about to run (the checkpoint a kill then would
+    leave), so one uninterrupted run also yields a mid-run checkpoint to resume from."""
+
+    def __init__(self, step: int, source: str, copy_to: str):
+        self.step, self.source, self.copy_to = step, source, copy_to
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import shutil
+
+            shutil.copyfile(self.source, self.copy_to)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.conftest import TINY, compose_config, fit
 from tests.test_cli import run_main
@@ -48,3 +49,24 @@ def test_resuming_with_only_paths_loggers_or_workers_changed_is_allowed(tiny, tm
     _, resuming = build(tiny("strategy=freeze", "logger=tensorboard", "trainer.log_every_n_steps=1",
                              "backbone.checkpoint_path=null", f"paths.log_dir={tmp_path / 'elsewhere'}"))
     resuming.on_load_checkpoint({"finetune": {"strategy": "freeze", "config": trained.run_config}})
+
+
+def test_a_run_resumed_mid_epoch_draws_the_same_dropout_masks(tmp_path):
+    """An MLP head with dropout 0.5: resumed from the step-6 checkpoint (mid-epoch 2), the weights at the end are
+    bitwise those of the run that never stopped, because the checkpoint carries the random streams."""
+    from finetune.train import train
+
+    run = [*TINY, "strategy=freeze", "head=mlp", "head.dropout=0.5", "trainer.deterministic=true",
+           "callbacks.last_checkpoint.every_n_train_steps=2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    middle = tmp_path / "step6.ckpt"
+    train(compose_config(straight, [*run, "+callbacks.copy._target_=tests.faults.CopyCheckpointAtStep",
+                                    "+callbacks.copy.step=6", f"+callbacks.copy.source={straight}/checkpoints/last.ckpt",
+                                    f"+callbacks.copy.copy_to={middle}"]))
+    assert torch.load(middle, weights_only=False)["global_step"] == 6
+    train(compose_config(resumed, [*run, f"ckpt_path={middle}"]))
+    expected, actual = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+                        for folder in (straight, resumed))  # weights_only: what Lightning's resume loads with
+    assert expected["global_step"] == actual["global_step"] == 8
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(tensor, actual["state_dict"][name]), f"{name} differs after resume"

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from finetune.backbones import Backbone
 from finetune.errors import ConfigError
 from finetune.optim import constant, param_groups, phased_schedule
+from finetune.rng import rng_states, set_rng_states
 from finetune.strategies import FreezingStrategy
 
 
@@ -113,6 +114,13 @@ class FinetuneModule(LightningModule):
         tests/test_staged.py's kill mid-phase-2)."""
         self.on_train_epoch_start()
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """A resumed run continues the random streams (dropout) from the checkpoint at its first step: with in-memory
+        data nothing draws from them between a checkpoint and the next step, so the resumed steps are the same."""
+        if getattr(self, "_rng_to_restore", None) is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def on_train_epoch_start(self) -> None:
         """Enter the phase of this epoch: which parts train, and their modes."""
         self.strategy.enter_phase(self, self.strategy.phase_at(self.current_epoch))
@@ -165,9 +173,12 @@ class FinetuneModule(LightningModule):
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["finetune"] = {"strategy": self.strategy.name, "config": self.run_config,
-                                  "class_names": self.class_names, "preprocessing": self.preprocessing}
+                                  "class_names": self.class_names, "preprocessing": self.preprocessing,
+                                  "rng": rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # taken up just before the first resumed step (on_train_batch_start), where the uninterrupted run was
+        self._rng_to_restore = checkpoint.get("finetune", {}).get("rng")
         saved = checkpoint.get("finetune", {}).get("strategy")
         if saved is not None and saved != self.strategy.name:
             raise ConfigError(f"checkpoint was trained with strategy={saved}, this run uses "
