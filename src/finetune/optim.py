@@ -84,15 +84,20 @@ def relative_name(name: str) -> str:
 def check_part_names(module: nn.Module, names: Iterable[str], key: str, extra: Sequence[str] = ("head",)) -> None:
     """Every name is `head` (or another of `extra`), `backbone`, or a backbone submodule; one line otherwise."""
     for name in names:
-        if name in extra or name == "backbone":
-            continue
-        try:
-            module.backbone.get_submodule(name)
-        except AttributeError:
-            children = ", ".join(n for n, _ in module.backbone.named_children())
-            choices = ", ".join([*extra, "backbone"])
-            raise ConfigError(f"{key} entry {name!r} names no submodule of the backbone; choices: {choices}, or a "
-                              f"backbone part: {children} (nested names use dots, e.g. blocks.0)") from None
+        if name not in extra and name != "backbone":
+            backbone_part(module, name, key, extra)
+
+
+def backbone_part(module: nn.Module, name: str, key: str, extra: Sequence[str] = ()) -> nn.Module:
+    """The backbone submodule `name` (dotted) of the config entry `key`, or one line naming the choices."""
+    try:
+        return module.backbone.get_submodule(name)
+    except AttributeError:
+        children = ", ".join(n for n, _ in module.backbone.named_children())
+        choices = (f"choices: {', '.join([*extra, 'backbone'])}, or a backbone part: {children}" if extra
+                   else f"top-level choices: {children}")
+        raise ConfigError(f"{key} entry {name!r} names no submodule of the backbone; {choices} (nested names use "
+                          f"dots, e.g. blocks.0)") from None
 
 
 def param_groups(module: nn.Module, named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from finetune.errors import ConfigError
+from finetune.optim import backbone_part
 from finetune.strategies.base import FreezingStrategy, names_under
 
 
@@ -23,15 +23,7 @@ class FreezeBackbone(FreezingStrategy):
         """The frozen submodules by their name in the LightningModule ('backbone', 'backbone.blocks.0', ...)."""
         if self.modules is None:
             return {"backbone": module.backbone}
-        roots = {}
-        for name in self.modules:
-            try:
-                roots[f"backbone.{name}"] = module.backbone.get_submodule(name)
-            except AttributeError:
-                children = ", ".join(n for n, _ in module.backbone.named_children())
-                raise ConfigError(f"strategy.modules entry {name!r} names no submodule of the backbone; "
-                                  f"top-level choices: {children} (nested names use dots, e.g. blocks.0)") from None
-        return roots
+        return {f"backbone.{name}": backbone_part(module, name, "strategy.modules") for name in self.modules}
 
     def _batchnorm_names(self, module) -> list[str]:
         return [f"{root}.{n}" if n else root for root, sub in self.frozen_roots(module).items()
