@@ -65,8 +65,8 @@ class Classifier:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.module = module.to(self.device).eval()
         self.class_names: list[str] = list(module.class_names)
-        self.preprocessing: dict[str, Any] = dict(module.preprocessing)
-        self.preprocess = Preprocessor(self.preprocessing)  # one image -> normalised [3, S, S]
+        self.preprocess = Preprocessor(module.preprocessing)  # one image -> normalised [3, S, S]
+        self.preprocessing: dict[str, Any] = self.preprocess.preprocessing
 
     def batch(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
         """Images -> a normalised float batch [B, 3, S, S] on the model's device."""
@@ -81,9 +81,13 @@ class Classifier:
         """Normalised inputs [B, 3, S, S] -> logits [B, K]: the backbone runs on images, whatever the strategy."""
         return self.module(inputs.to(self.device))
 
+    def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Normalised inputs [B, 3, S, S] -> class probabilities [B, K] on the CPU, in the order of `class_names`."""
+        return self.logits(inputs).float().softmax(dim=-1).cpu()
+
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
-        """Class probabilities [N, K] (on the CPU), in the order of `class_names`."""
-        return self.logits(self.batch(images)).float().softmax(dim=-1).cpu()
+        """Class probabilities [N, K] (on the CPU) of raw images, in the order of `class_names`."""
+        return self.probabilities(self.batch(images))
 
     def predict(self, images: ImageLike | Sequence[ImageLike], top_k: int = 5) -> list[list[tuple[str, float]]]:
         """For each image, its `top_k` (class name, probability) pairs, most likely first."""

@@ -41,13 +41,13 @@ class ImagesToLogits(nn.Module):
 
     def __init__(self, network: nn.Module, preprocessing: dict):
         super().__init__()
-        self.network = network
+        self.network, self.preprocessing = network, preprocessing
         mean, std = normalisation_tensors(preprocessing)
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network((images.float() / 255 - self.mean) / self.std)
+        return self.network(to_model_input(images, self.preprocessing, self.mean, self.std))
 
 
 def sample_images(preprocessing: dict, batch: int, seed: int = 0) -> torch.Tensor:

@@ -80,7 +80,7 @@ def predict(cfg: DictConfig) -> dict:
         skipped += [(path, reason) for path, reason in zip(batch_paths, reasons) if reason]
         if inputs is None:
             continue
-        top = classifier.top_k(classifier.logits(inputs).float().softmax(dim=-1).cpu(), k)
+        top = classifier.top_k(classifier.probabilities(inputs), k)
         read = [path for path, reason in zip(batch_paths, reasons) if not reason]
         rows += [[path] + [value for name, p in pairs for value in (name, f"{p:.6f}")] for path, pairs in zip(read, top)]
 

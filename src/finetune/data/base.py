@@ -174,7 +174,7 @@ class ImageDataModule(SplitLoaders):
         self.configure_preprocessing({})
 
     augmentations: tuple[str, ...] = ("none",)  # the last is the default
-    geometry = "none"  # in-memory images at their native size; image files are resized and cropped (GEOMETRIES)
+    geometry = "none"  # in-memory images at their native size; image files are resized and cropped (eval_geometry)
 
     def disable_augmentation(self) -> None:
         self.augment = "none"

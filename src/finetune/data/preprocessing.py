@@ -24,10 +24,6 @@ from finetune.errors import ConfigError
 
 ImageLike = Union[str, Path, Image.Image, torch.Tensor, np.ndarray]
 
-# what eval_geometry does before batching: "crop" for image files, "none" for in-memory tensors at native size
-GEOMETRIES = ("crop", "none")
-
-
 def eval_resize_size(size: int, crop_pct: float) -> int:
     """The shorter side before the centre crop: timm's floor(size / crop_pct), tolerant of a crop_pct stored as
     crop / resize (224 / 232 must give back 232, not 231.99...)."""
