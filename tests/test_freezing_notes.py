@@ -75,7 +75,7 @@ def test_in18_19_cached_features_are_detached_and_training_on_them_leaves_the_ba
     cfg = tiny("strategy=cached")
     datamodule, module = build(cfg)
     datamodule.setup("fit")
-    features = datamodule.splits["train"]["features"]
+    features = datamodule.features("train")
     assert not features.requires_grad and features.grad_fn is None
     batch_features, labels = next(iter(datamodule.train_dataloader()))
     module.train()
@@ -86,5 +86,5 @@ def test_in18_19_cached_features_are_detached_and_training_on_them_leaves_the_ba
     images, _ = next(iter(datamodule.images.subset_loader("train", torch.arange(8), 8)))
     with torch.no_grad():
         live = module.backbone.eval()(datamodule.images.preprocess(images))
-    ordered = datamodule.splits["train"]["features"][:8]
+    ordered = datamodule.features("train")[:8]
     torch.testing.assert_close(ordered, live, rtol=1e-5, atol=1e-5)

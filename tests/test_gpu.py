@@ -35,7 +35,7 @@ def test_strategy_on_gpu_uses_the_fast_paths_and_freezes_exactly(tmp_path, strat
         if name.startswith("head."):
             assert not torch.equal(value, after[name]), name
     if strategy == "cached":
-        assert datamodule.splits["train"]["features"].device.type == "cuda"
+        assert datamodule.resident["train"][0].device.type == "cuda", "the features fit: they live on the GPU"
     assert json.loads((tmp_path / "param_audit.json").read_text())["violations"] == []
 
 

@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from finetune.data.base import ImageDataModule
-from finetune.data.cached import extract_features
+from finetune.data.cached import iter_features
+from finetune.progress import Progress
 
 
 def feature_drift(backbone: torch.nn.Module, pretrained_state: dict[str, torch.Tensor], images: ImageDataModule,
                   batch_size: int = 256, split: str = "test") -> float:
-    """`pretrained_state`: the backbone's state_dict as built (the freeze audit's baseline, without `backbone.`)."""
+    """`pretrained_state`: the backbone's state_dict as built (the freeze audit's baseline, without `backbone.`).
+    Streams both backbones over the split a batch at a time: memory O(batch), whatever the split's size."""
     trained_state = backbone.state_dict()
     if all(torch.equal(pretrained_state[name], tensor.detach().cpu()) for name, tensor in trained_state.items()):
         return 0.0  # the same weights give the same features: exactly no drift, no pass over the data needed
@@ -22,6 +24,12 @@ def feature_drift(backbone: torch.nn.Module, pretrained_state: dict[str, torch.T
     pretrained.load_state_dict(pretrained_state)
     device = next(backbone.parameters()).device
     indices = torch.arange(len(images.split_dataset(split)))
-    before, after = (extract_features(model, images, split, indices, batch_size, device, torch.float32)["features"]
-                     for model in (pretrained, backbone))
-    return float(1 - F.cosine_similarity(before.float(), after.float(), dim=1).mean())
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    passes = [iter_features(model, images, split, indices, batch_size, device, torch.float32)
+              for model in (pretrained, backbone)]
+    with Progress(f"feature drift on {split}", len(indices), unit="images") as progress:
+        for (before, _), (after, _) in zip(*passes):
+            total += F.cosine_similarity(before, after, dim=1).sum(dtype=torch.float64)
+            count += len(before)
+            progress.advance(len(before))
+    return float(1 - total.item() / max(count, 1))

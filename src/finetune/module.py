@@ -201,7 +201,7 @@ RESUME_MUST_MATCH = ("strategy", "backbone", "head", "optimizer", "scheduler", "
                      "trainer.max_steps", "trainer.accumulate_grad_batches")
 RESUME_MAY_DIFFER = ("backbone.pretrained", "backbone.checkpoint_path", "data.num_workers", "data.eval_batch_size",
                      "data.verify_images", "data.root", "strategy.cache_dir", "strategy.extract_batch_size",
-                     "strategy.device_max_bytes")
+                     "strategy.device_max_bytes", "strategy.shard_rows")
 
 
 def override_value(value: Any) -> str:

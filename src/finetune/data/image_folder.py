@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from finetune.data.files import FileImageDataModule
 from finetune.data.preprocessing import CorruptImageError, load_rgb
 from finetune.errors import ConfigError
+from finetune.progress import Progress
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -120,8 +121,13 @@ class ImageFolderDataModule(FileImageDataModule):
                 return str(err)
             return None
 
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            problems = [p for p in pool.map(bad, paths) if p]
+        problems = []
+        with (ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool,
+              Progress(f"verifying images under {self.root}", len(paths), unit="images") as progress):
+            for problem in pool.map(bad, paths):
+                progress.advance(1)
+                if problem:
+                    problems.append(problem)
         if problems:
             raise CorruptImageError(f"{len(problems)} unreadable image(s) under {self.root}; first: {problems[0]}")
         log.info("verified %d images under %s", len(paths), self.root)

@@ -19,7 +19,8 @@ class CachedFeatures(FreezingStrategy):
     name = "cached"
 
     def __init__(self, cache_dir: str = "feature_cache", feature_dtype: str = "float32",
-                 extract_batch_size: int = 256, batch_size: int | None = None, device_max_bytes: int = 4 * 1024**3):
+                 extract_batch_size: int = 256, batch_size: int | None = None, device_max_bytes: int = 4 * 1024**3,
+                 shard_rows: int | None = None):
         if feature_dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"strategy.feature_dtype={feature_dtype!r}; choose one of: float32, float16, bfloat16")
         self.cache_dir = cache_dir
@@ -27,6 +28,10 @@ class CachedFeatures(FreezingStrategy):
         self.extract_batch_size = int(extract_batch_size)
         self.batch_size = batch_size  # head batches; None keeps the data's batch_size
         self.device_max_bytes = int(device_max_bytes)
+        if shard_rows is not None and int(shard_rows) <= 0:
+            raise ConfigError(f"strategy.shard_rows={shard_rows} must be a positive number of rows, or null (about "
+                              f"256 MiB of features a shard)")
+        self.shard_rows = None if shard_rows is None else int(shard_rows)
 
     def prepare(self, module) -> None:
         for param in module.backbone.parameters():
@@ -59,4 +64,4 @@ class CachedFeatures(FreezingStrategy):
             datamodule.disable_augmentation()
         return CachedFeatureDataModule(datamodule, module, cache_dir=self.cache_dir, feature_dtype=self.feature_dtype,
                                        extract_batch_size=self.extract_batch_size, batch_size=self.batch_size,
-                                       device_max_bytes=self.device_max_bytes)
+                                       device_max_bytes=self.device_max_bytes, shard_rows=self.shard_rows)

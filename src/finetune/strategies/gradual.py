@@ -100,7 +100,8 @@ def top_layers(backbone: nn.Module, count: int) -> list[list[str]]:
 class GradualUnfreezing(FreezingStrategy):
     def __init__(self, phases: list[dict], train_bn: bool = False, keep_frozen: list[str] | None = None,
                  name: str = "gradual", freeze_bn_stats: bool = False, cache_dir: str = "feature_cache",
-                 feature_dtype: str = "float32", extract_batch_size: int = 256, device_max_bytes: int = 4 * 1024**3):
+                 feature_dtype: str = "float32", extract_batch_size: int = 256, device_max_bytes: int = 4 * 1024**3,
+                 shard_rows: int | None = None):
         self.name = name
         self.phase_list = parse_phases(phases)
         self.train_bn = bool(train_bn)
@@ -110,7 +111,8 @@ class GradualUnfreezing(FreezingStrategy):
                               "strategy.freeze_bn_stats=true fixes every BatchNorm's statistics; choose one")
         self.keep_frozen = list(keep_frozen or [])
         self.cache = {"cache_dir": cache_dir, "feature_dtype": feature_dtype,
-                      "extract_batch_size": int(extract_batch_size), "device_max_bytes": int(device_max_bytes)}
+                      "extract_batch_size": int(extract_batch_size), "device_max_bytes": int(device_max_bytes),
+                      "shard_rows": shard_rows}
         self.current_phase = 0
         self._modes: dict[int, list[nn.Module]] = {}
 
