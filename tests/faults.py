@@ -109,3 +109,16 @@ class CopyCheckpointAtStep(L.Callback):
             import shutil
 
             shutil.copyfile(self.source, self.copy_to)
+
+
+class RecordCacheReport(L.Callback):
+    """At fit start, every rank writes what its feature cache datamodule did to <output_dir>/cache_rank<r>.json."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def on_fit_start(self, trainer, module):
+        import json
+
+        report = getattr(trainer.datamodule, "report", {})
+        Path(self.output_dir, f"cache_rank{trainer.global_rank}.json").write_text(json.dumps(report))

@@ -66,3 +66,18 @@ def test_option_instantiates_and_trains_a_step(tmp_path, option):
     trainer, module, _ = fit(cfg, test=True)
     assert trainer.global_step >= 1, f"{option} took no optimizer step"
     assert "test/acc" in trainer.callback_metrics
+
+
+# option values beyond each config file's defaults: the feature cache's layout and reduced-precision entries
+VALUES = {
+    "cached shards of 16 rows": ["strategy=cached", "strategy.shard_rows=16"],
+    "cached float16": ["strategy=cached", "strategy.feature_dtype=float16"],
+    "cached bfloat16": ["strategy=cached", "strategy.feature_dtype=bfloat16"],
+    "lp_ft probe on shards of 16 rows": ["strategy=lp_ft", "strategy.shard_rows=16", "trainer.max_epochs=11"],
+}
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_option_value_trains_a_step(tmp_path, name):
+    trainer, _, _ = fit(compose_config(tmp_path, [*TINY, *VALUES[name], *SMALL]), test=True)
+    assert trainer.global_step >= 1 and "test/acc" in trainer.callback_metrics

@@ -63,24 +63,42 @@ def check_sweep(folder, jobs: list[str]) -> None:
         assert json.loads((run / "param_audit.json").read_text())["violations"] == []
 
 
-def test_ddp_cached_with_node_local_caches_gathers_in_order_and_evaluates_each_sample_once(tmp_path):
+def columns(cache: FeatureCache) -> dict[str, dict[str, torch.Tensor]]:
+    """Every entry's columns by key, read from its shards."""
+    result = {}
+    for entry in cache.entries():
+        assert entry.complete, f"{entry.key} is incomplete"
+        mapped = entry.open()
+        result[entry.key] = {name: mapped.column(name) for name in ("features", "labels", "indices")}
+    return result
+
+
+CACHE_REPORT = ["+callbacks.cache_report._target_=tests.faults.RecordCacheReport",
+                "+callbacks.cache_report.output_dir=${paths.output_dir}"]
+SHARD_ROWS = 8  # 70 train rows: 9 shards; 17 val and test rows: 3 each
+
+
+def test_ddp_cached_with_node_local_caches_builds_what_each_node_lacks_and_evaluates_each_sample_once(tmp_path):
     """Two cache folders stand in for two nodes: node0 already holds the entries (from a one-process run), node1
-    does not. Rank 0 hits, rank 1 misses: both extract, gather in dataset order, and rank 1 fills its own folder."""
-    common = [*TINY, "strategy=cached", "trainer.max_epochs=1",
-              "data.num_samples=70"]  # 70 train / 17 val and test: unequal shares, padding to drop
+    does not. Rank 0 hits; rank 1 cannot see node0's shards, so it builds every shard itself, one at a time."""
+    common = [*TINY, "strategy=cached", "trainer.max_epochs=1", f"strategy.shard_rows={SHARD_ROWS}",
+              "data.num_samples=70"]  # 70 train / 17 val and test: unequal shares
     (tmp_path / "one").mkdir()
     train(compose_config(tmp_path / "one", [*common, f"paths.cache_dir={tmp_path / 'node0'}"]))  # in-process
     ddp = run_cli("finetune.train", *common, "trainer=ddp_cpu", f"paths.cache_dir={tmp_path}/node${{oc.env:LOCAL_RANK,0}}",
                   "+callbacks.wrapping._target_=tests.faults.RecordDDPWrapping",
-                  "+callbacks.wrapping.output_dir=${paths.output_dir}", f"hydra.run.dir={tmp_path / 'ddp'}",
-                  cwd=tmp_path)
+                  "+callbacks.wrapping.output_dir=${paths.output_dir}", *CACHE_REPORT,
+                  f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    node0, node1 = FeatureCache(tmp_path / "node0"), FeatureCache(tmp_path / "node1")
-    assert {e["key"] for e in node1.entries()} == {e["key"] for e in node0.entries()}, "same identity, same key"
-    for entry in node0.entries():
-        want, got = node0.load(entry["key"]), node1.load(entry["key"])
-        assert torch.equal(want["labels"], got["labels"]), "dataset order, no padded duplicates"
-        torch.testing.assert_close(got["features"], want["features"], rtol=1e-4, atol=1e-5)
+    want, got = columns(FeatureCache(tmp_path / "node0")), columns(FeatureCache(tmp_path / "node1"))
+    assert set(got) == set(want), "same identity, same key"
+    for key, tensors in want.items():
+        assert torch.equal(tensors["labels"], got[key]["labels"]) and torch.equal(tensors["indices"], got[key]["indices"])
+        torch.testing.assert_close(got[key]["features"], tensors["features"], rtol=1e-4, atol=1e-5)
+    reports = [json.loads((tmp_path / "ddp" / f"cache_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert reports[0]["rows_extracted"] == 0 and reports[0]["cache_hit"] is True
+    assert reports[1]["rows_extracted"] == 70 + 17 + 17
+    assert reports[1]["extract_buffer_rows"] == SHARD_ROWS, "rank 1 never held more than one shard of features"
 
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["train_samples"] == json.loads((tmp_path / "one" / "metrics.json").read_text())["train_samples"]
@@ -94,6 +112,26 @@ def test_ddp_cached_with_node_local_caches_gathers_in_order_and_evaluates_each_s
     for rank in (0, 1):  # channels_last (on a GPU) is applied in setup, which runs before DDP wraps the model
         assert json.loads((tmp_path / "ddp" / f"wrapping_rank{rank}.json").read_text()) == {
             "setup": False, "fit_start": True}
+
+
+def test_ddp_ranks_sharing_one_cache_folder_split_the_shards_and_write_what_one_process_writes(tmp_path):
+    common = [*TINY, "strategy=cached", "trainer.max_epochs=1", f"strategy.shard_rows={SHARD_ROWS}",
+              "data.num_samples=70"]
+    (tmp_path / "one").mkdir()
+    train(compose_config(tmp_path / "one", [*common, f"paths.cache_dir={tmp_path / 'single'}"]))
+    ddp = run_cli("finetune.train", *common, "trainer=ddp_cpu", f"paths.cache_dir={tmp_path / 'shared'}",
+                  *CACHE_REPORT, f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    want, got = columns(FeatureCache(tmp_path / "single")), columns(FeatureCache(tmp_path / "shared"))
+    assert set(got) == set(want)
+    for key, tensors in want.items():
+        assert torch.equal(tensors["labels"], got[key]["labels"]) and torch.equal(tensors["indices"], got[key]["indices"])
+        torch.testing.assert_close(got[key]["features"], tensors["features"], rtol=1e-4, atol=1e-5)
+    reports = [json.loads((tmp_path / "ddp" / f"cache_rank{rank}.json").read_text()) for rank in (0, 1)]
+    # shards go round-robin: train's 9 of 8 rows (the last 6) -> rank 0: 5 shards (38 rows), rank 1: 4 (32);
+    # val's and test's 3 shards (8, 8, 1) -> rank 0: shards 0 and 2 (9 rows), rank 1: shard 1 (8)
+    assert [r["rows_extracted"] for r in reports] == [38 + 9 + 9, 32 + 8 + 8], "each rank built its share only"
+    assert all(r["extract_buffer_rows"] == SHARD_ROWS for r in reports), "no rank held more than one shard"
 
 
 def test_the_rank_relaunch_keeps_config_flags_and_user_hydra_overrides_but_not_the_sweep():
