@@ -57,7 +57,7 @@ def kind(command: str) -> str | None:
     if words[0] in ("finetune-eval", "finetune-cache", "finetune-predict", "finetune-export"):
         return words[0].removeprefix("finetune-")
     if words[0] == "finetune-bench":
-        return "bench_cuda" if "cuda" in words else "bench"
+        return "bench_cache" if words[1:2] == ["cache"] else "bench_cuda" if "cuda" in words else "bench"
     return None
 
 
@@ -237,6 +237,17 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
 
         request.getfixturevalue("main_run")  # fills the cache
         assert cache_main([*words[1:], "--cache-dir", str(shared["cache"])]) == 0
+    elif how == "bench_cache":
+        from finetune.bench import main as bench_main
+
+        # one small size, the tiny model, no kill: two real finetune-train processes and the in-process figures
+        out = tmp_path / "bench_cache.json"
+        bench_main([*words[1:], "--sizes", "300", "--model", "test_efficientnet", "--image-size", "32",
+                    "--native-size", "8", "--no-kill", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+        report = json.loads(out.read_text())
+        assert [r["run"] for r in report["rows"]] == ["extract", "hit"]
+        assert [r["cache_hit"] for r in report["rows"]] == [False, True] and report["rows"][0]["peak_rss_mb"] > 0
+        assert report["in_process"]["open_rows"] == 300 + 75 + 75 and report["in_process"]["map_over_ram"] > 0
     elif how in ("bench", "bench_cuda"):
         from finetune.bench import benchmark
 

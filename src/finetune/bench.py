@@ -8,6 +8,7 @@ fast paths costs. Prints a table and writes JSON; asserts nothing (targets are r
 
     finetune-bench --device cuda                      # 224 px, batch 256, efficientnet_lite0 and resnet50
     finetune-bench --device cpu --models efficientnet_lite0 --image-size 64 --batch-size 32
+    finetune-bench cache                              # the feature cache at N = 50k and 500k (finetune.bench_cache)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -362,6 +364,12 @@ def benchmark(argv=None) -> list[dict]:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["cache"]:  # the feature cache at two sizes: finetune.bench_cache
+        from finetune import bench_cache
+
+        bench_cache.main(argv[1:])
+        return
     benchmark(argv)
 
 
