@@ -337,3 +337,16 @@ def test_an_entry_of_the_old_single_file_format_is_extracted_again_and_said_so(t
     assert prepared(cfg, []).report["rows_extracted"] == 96
     assert "1 entries of the old single-file format" in caplog.text
     assert old.clear() > 0 and not (old.root / f"{key}.pt").exists()
+
+
+def test_the_code_digest_covers_the_preprocessing_module(tiny, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from finetune.data import cached, preprocessing
+
+    images = build(tiny("strategy=cached"))[0].images
+    before = cached.code_versions(images)["source"]
+    edited = tmp_path / "preprocessing.py"  # where the eval geometry and normalisation live
+    edited.write_text(Path(preprocessing.__file__).read_text() + "\n# an edit\n")
+    monkeypatch.setattr(preprocessing, "__file__", str(edited))
+    assert cached.code_versions(images)["source"] != before

@@ -172,6 +172,7 @@ def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val, last_
     if hasattr(datamodule, "report"):  # cached: what extraction cost and whether the cache served it
         report = datamodule.report
         metrics.update(extract_seconds=round(report["extract_seconds"], 3), cache_hit=report["cache_hit"],
+                       rows_extracted=report["rows_extracted"],
                        extract_peak_memory_mb=round(report["extract_peak_memory_mb"], 1),
                        peak_memory_mb=round(max(meter.peak_memory_mb, report["extract_peak_memory_mb"]), 1))
     audit = next((c for c in trainer.callbacks if isinstance(c, FreezeAudit)), None)

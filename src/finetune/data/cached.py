@@ -17,6 +17,7 @@ import torch
 
 from finetune.callbacks.run_meter import peak_memory_mb, reset_peak_memory
 from finetune.config import native_bf16
+from finetune.data import preprocessing
 from finetune.data.base import (SPLITS, ImageDataModule, IndexBatchDataset, IndexBatchLoader, SplitLoaders,
                                 index_batch_loader, world_and_rank)
 from finetune.data.feature_cache import FeatureCache, weights_digest
@@ -41,14 +42,15 @@ def extraction_mode(device: torch.device) -> dict:
 
 
 def code_versions(images: ImageDataModule) -> dict:
-    """Versions of the code that computes stored features: the libraries, and a digest of the source of this module
-    and of the datamodule's classes (preprocessing lives there), so editing either invalidates old entries."""
+    """Versions of the code that computes stored features: the libraries, and a digest of the source of this module,
+    of the datamodule's classes and of data/preprocessing.py (eval geometry and normalisation), so editing any of
+    them invalidates old entries."""
     import timm
     import torchvision
 
     sources = sorted({inspect.getsourcefile(cls) or "" for cls in type(images).__mro__
                       if not cls.__module__.startswith(("builtins", "lightning", "pytorch_lightning", "torch"))}
-                     | {__file__})
+                     | {__file__, preprocessing.__file__})
     digest = hashlib.sha256()
     for source in filter(None, sources):
         digest.update(Path(source).read_bytes())

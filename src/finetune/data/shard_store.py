@@ -21,6 +21,7 @@ import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -369,19 +370,52 @@ class Entry:
                 "bytes": size, "columns": self.manifest["columns"], "complete": self.complete}
 
 
-class MappedEntry:
-    """A complete entry's columns as memory-mapped tensors, one per shard; rows are gathered by index."""
+def map_npy(path: Path) -> tuple[mmap.mmap, np.ndarray]:
+    """A .npy file as (its map, the array over it): copy-on-write, so torch takes the array without a read-only
+    warning and nothing is ever written back; no byte is read until a row is."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(handle)
+        offset = handle.tell()
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    if fortran:
+        raise ValueError(f"{path} is Fortran-ordered; the store writes C order")
+    count = int(np.prod(shape, dtype=np.int64))
+    return mapped, np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
 
-    def __init__(self, entry: Entry, shards: list[int] | None = None):
+
+class MappedEntry:
+    """A complete entry's columns as memory-mapped tensors, one per shard; rows are gathered by index.
+
+    Pages a gather touches stay mapped (and count in the process's RSS) until `release_bytes` more have been read;
+    then every map drops its pages (madvise DONTNEED; they stay in the kernel's page cache), so a pass over an entry
+    of any size keeps at most about `release_bytes` of it in the process."""
+
+    def __init__(self, entry: Entry, shards: list[int] | None = None, release_bytes: int = 256 * 2**20):
         self.key, self.rows, self.rows_per_shard = entry.key, entry.rows, entry.rows_per_shard
         self.columns = entry.columns
+        self.release_bytes, self._read_since_release = release_bytes, 0
         records = entry.records()
         self.shards: dict[int, dict[str, torch.Tensor]] = {}
+        self._maps: list[mmap.mmap] = []
         for shard in range(entry.num_shards) if shards is None else shards:
-            # copy-on-write maps: torch takes them without a read-only warning, and nothing is ever written back
-            self.shards[shard] = {name: column.to_torch(np.load(entry.folder / records[shard]["files"][name]["file"],
-                                                                mmap_mode="c"))
-                                  for name, column in self.columns.items()}
+            self.shards[shard] = {}
+            for name, column in self.columns.items():
+                mapped, array = map_npy(entry.folder / records[shard]["files"][name]["file"])
+                self._maps.append(mapped)
+                self.shards[shard][name] = column.to_torch(array)
+
+    def release(self) -> None:
+        """Drop every mapped page from this process (the next read maps it again from the page cache)."""
+        for mapped in self._maps:
+            mapped.madvise(mmap.MADV_DONTNEED)
+        self._read_since_release = 0
+
+    def _count_read(self, nbytes: int) -> None:
+        self._read_since_release += nbytes
+        if self._read_since_release > self.release_bytes and hasattr(mmap, "MADV_DONTNEED"):
+            self.release()
 
     def __len__(self) -> int:
         return self.rows
@@ -395,6 +429,7 @@ class MappedEntry:
         out = torch.empty((len(index), *self.columns[name].shape), dtype=self.dtype(name), pin_memory=pin_memory)
         shard_of = torch.div(index, self.rows_per_shard, rounding_mode="floor")
         local = index - shard_of * self.rows_per_shard
+        self._count_read(out.numel() * out.element_size())
         first, last = (int(shard_of.min()), int(shard_of.max())) if len(index) else (0, -1)
         if first == last:
             return torch.index_select(self.shards[first][name], 0, local, out=out)
@@ -409,6 +444,7 @@ class MappedEntry:
         for shard, tensors in self.shards.items():
             start = shard * self.rows_per_shard
             out[start:start + len(tensors[name])].copy_(tensors[name])
+            self._count_read(tensors[name].numel() * tensors[name].element_size())
         return out
 
     @property
