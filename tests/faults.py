@@ -122,3 +122,30 @@ class RecordCacheReport(L.Callback):
 
         report = getattr(trainer.datamodule, "report", {})
         Path(self.output_dir, f"cache_rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+class RecordImageStore(L.Callback):
+    """At fit start, every rank writes its image store's report (what it decoded) to <output_dir>/store_rank<r>.json."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def on_fit_start(self, trainer, module):
+        import json
+
+        images = getattr(trainer.datamodule, "images", trainer.datamodule)
+        report = images.store.report if getattr(images, "store", None) is not None else None
+        Path(self.output_dir, f"store_rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def counting_torchvision(log: str, **kwargs):
+    """data._target_ for tests: a TorchvisionDataModule whose prepare_data appends its rank to `log`."""
+    from finetune.data.torchvision import TorchvisionDataModule
+
+    class CountingTorchvision(TorchvisionDataModule):
+        def prepare_data(self):
+            with open(log, "a") as handle:
+                handle.write(f"{os.environ.get('LOCAL_RANK', '0')}\n")
+            super().prepare_data()
+
+    return CountingTorchvision(**kwargs)

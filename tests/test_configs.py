@@ -74,10 +74,24 @@ VALUES = {
     "cached float16": ["strategy=cached", "strategy.feature_dtype=float16"],
     "cached bfloat16": ["strategy=cached", "strategy.feature_dtype=bfloat16"],
     "lp_ft probe on shards of 16 rows": ["strategy=lp_ft", "strategy.shard_rows=16", "trainer.max_epochs=11"],
+    # image files decoded once into the store, augmented on the device (random_resized_crop, flip), and read by cached
+    "image_folder store, device random_resized_crop": ["data=image_folder", "data.store=true", "strategy=freeze"],
+    "image_folder store, device flip": ["data=image_folder", "data.store=true", "data.augment=flip", "strategy=full"],
+    "image_folder store, larger stored size, cached": ["data=image_folder", "data.store=true", "data.store_size=48",
+                                                       "strategy=cached"],
+    "torchvision store": ["data=torchvision", "data.name=MNIST", "data.download=false", "data.store=true",
+                          "strategy=freeze"],
 }
 
 
 @pytest.mark.parametrize("name", VALUES)
 def test_option_value_trains_a_step(tmp_path, name):
-    trainer, _, _ = fit(compose_config(tmp_path, [*TINY, *VALUES[name], *SMALL]), test=True)
+    overrides = list(VALUES[name])
+    base = TINY
+    if "data=image_folder" in overrides or "data=torchvision" in overrides:
+        base = [o for o in TINY if not o.startswith("data")]
+        overrides += ["data.num_workers=0", "data.image_size=32", "data.batch_size=4"]
+        overrides.append(f"data.root={make_image_folder(tmp_path / 'images')}" if "data=image_folder" in overrides
+                         else f"data.root={write_mnist(tmp_path / 'mnist')}")
+    trainer, _, _ = fit(compose_config(tmp_path, [*base, *overrides, *SMALL]), test=True)
     assert trainer.global_step >= 1 and "test/acc" in trainer.callback_metrics

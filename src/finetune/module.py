@@ -200,7 +200,7 @@ class FinetuneModule(LightningModule):
 RESUME_MUST_MATCH = ("strategy", "backbone", "head", "optimizer", "scheduler", "data", "seed", "trainer.max_epochs",
                      "trainer.max_steps", "trainer.accumulate_grad_batches")
 RESUME_MAY_DIFFER = ("backbone.pretrained", "backbone.checkpoint_path", "data.num_workers", "data.eval_batch_size",
-                     "data.verify_images", "data.root", "strategy.cache_dir", "strategy.extract_batch_size",
+                     "data.verify_images", "data.root", "data.store_dir", "strategy.cache_dir", "strategy.extract_batch_size",
                      "strategy.device_max_bytes", "strategy.shard_rows")
 
 

@@ -7,13 +7,14 @@ batched by index and every rank of a DDP run sees its own shard with the same ep
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Subset
 
 from finetune.data.preprocessing import normalisation_tensors, to_model_input
 from finetune.errors import ConfigError
@@ -102,11 +103,63 @@ class IndexBatchLoader:
 
     def __iter__(self):
         # A generator: this body runs at the first next(), after Lightning has set the epoch and its progress.
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else 0
+        done = batches_done(self.trainer)
         # indices go to the data's device once an epoch: a host-to-device copy per batch would stall the GPU
         for position, index in enumerate(self.sampler.batches(self.dataset.device)):
             if position >= done:
                 yield self.dataset[index]
+
+
+def batches_done(trainer) -> int:
+    """How many training batches of the current epoch were already stepped: after a mid-epoch restart, what
+    Lightning restored from the checkpoint (fit_loop.epoch_loop.batch_progress, read on Lightning 2.6), else 0."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.ready if trainer is not None else 0
+
+
+class WorkerBatchLoader:
+    """IndexBatchLoader's contract for datasets read sample by sample in DataLoader workers (image files): the
+    epoch's batches in the sampler's seeded order, the ones already stepped skipped after a mid-epoch restart, each
+    sample's augmentation seeded by (seed, epoch, index) (SeededSamples).
+
+    The DataLoader is made at the first next() of each epoch: a multi-worker iterator draws its first batches when it
+    is created, and Lightning creates the train iterator before it restores a checkpoint's progress (fit_loop.setup_data
+    on Lightning 2.6), so one made earlier would replay the epoch from its start."""
+
+    batch_sampler = None  # read by Lightning's DataLoader introspection; `sampler` orders the batches
+
+    def __init__(self, dataset: Dataset, sampler: IndexBatchSampler, trainer=None, seed: int = 0, **loader_options):
+        self.dataset, self.sampler, self.trainer, self.seed = dataset, sampler, trainer, seed
+        self.loader_options = loader_options
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        done, epoch = batches_done(self.trainer), self.sampler.epoch
+        batches = [[(index, epoch) for index in batch.tolist()] for batch in self.sampler.batches()[done:]]
+        yield from DataLoader(SeededSamples(self.dataset, self.seed), batch_sampler=batches, **self.loader_options)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}|{epoch}|{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class SeededSamples(Dataset):
+    """Item (index, epoch) of a dataset whose transform draws from torch's global RNG, drawn with that RNG seeded by
+    (seed, epoch, index) and restored after: the same augmentation in any worker, batch, rank or restarted run."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
 
 
 class SequentialIndexBatchSampler(IndexBatchSampler, SequentialSampler):
@@ -252,14 +305,10 @@ class ImageDataModule(SplitLoaders):
         return self.preprocess(images), labels
 
     # -- loaders -----------------------------------------------------------------------------------------------
-    def sampler(self, length: int, shuffle: bool) -> DistributedSampler:
-        """Training: epoch-seeded order (Lightning calls set_epoch), under DDP this rank's padded shard. Evaluation:
-        in order, unpadded, so that no sample is counted twice across ranks."""
+    def eval_sampler(self, length: int) -> UnrepeatedDistributedSampler:
+        """Evaluation: in order, unpadded, under DDP this rank's share, so that no sample is counted twice."""
         world, rank = world_and_rank(self.trainer)
-        if not shuffle:
-            return UnrepeatedDistributedSampler(range(length), num_replicas=world, rank=rank, shuffle=False)
-        return DistributedSampler(range(length), num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-
+        return UnrepeatedDistributedSampler(range(length), num_replicas=world, rank=rank, shuffle=False)
 
 
 class TensorImageDataModule(ImageDataModule):

@@ -154,13 +154,17 @@ class CachedFeatureDataModule(SplitLoaders):
     def num_classes(self) -> int:
         return self.images.num_classes
 
+    def prepare_data(self) -> None:
+        self.images.prepare_data()
+
     def identity(self, device: torch.device) -> dict:
         """Everything that decides the stored numbers, but the split; any change gives another key."""
         backbone_config = {k: v for k, v in ((self.module.run_config or {}).get("backbone") or {}).items()
                            if k not in WEIGHT_SOURCE_KEYS}
         return {"backbone": self.module.backbone_name, "backbone_config": backbone_config,
                 "weights": weights_digest(self.module.backbone), "preprocessing": self.images.preprocessing,
-                "dataset": self.images.dataset_id, "dtype": str(self.dtype), "extraction": extraction_mode(device),
+                "dataset": self.images.dataset_id, "image_source": getattr(self.images, "image_source", "memory"),
+                "dtype": str(self.dtype), "extraction": extraction_mode(device),
                 "code": code_versions(self.images)}
 
     def setup(self, stage: str | None = None) -> None:

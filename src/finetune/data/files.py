@@ -1,5 +1,12 @@
-"""Datamodules over image files decoded by PIL: CPU transforms produce uint8 tensors at the final size, workers
-with pinned memory and persistent processes feed the device, where normalisation runs."""
+"""Datamodules over image files. Two paths:
+
+- PIL (default): DataLoader workers decode every image every epoch; CPU transforms produce uint8 tensors at the final
+  size, each sample's augmentation seeded by (seed, epoch, index); the device normalises.
+- the store (`data.store=true`): every image decoded once into memory-mapped uint8 shards (`image_store.py`), batches
+  gathered by index, augmentation (random-resized-crop, flip) on the device, seeded the same way.
+
+Both resume exactly mid-epoch: the epoch order is seeded, the batches already stepped are skipped, and a sample's
+augmentation depends on (seed, epoch, index) only."""
 
 from __future__ import annotations
 
@@ -8,13 +15,52 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-from finetune.data.base import ImageDataModule
-from finetune.data.preprocessing import eval_geometry
+from finetune.data.base import (ImageDataModule, IndexBatchSampler, WorkerBatchLoader, index_batch_loader,
+                                world_and_rank)
+from finetune.data.device_augment import random_resized_crop_flip, uniform
+from finetune.data.image_store import ImageStore, RowSubset, StoredImages, eval_crop
+from finetune.data.preprocessing import eval_geometry, eval_resize_size
+from finetune.errors import ConfigError
 
 
 class FileImageDataModule(ImageDataModule):
     augmentations = ("none", "flip", "random_resized_crop")
     geometry = "crop"
+
+    def __init__(self, store: bool = False, store_size: int | None = None, store_dir: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if store_size is not None and int(store_size) <= 0:
+            raise ConfigError(f"data.store_size={store_size} must be a positive number of pixels, or null (the eval "
+                              f"resize, floor(image_size / crop_pct))")
+        self.store: ImageStore | None = None
+        if store:
+            self.store = ImageStore(self, store_dir or "logs/feature_cache", store_size)
+
+    def prepare_data(self) -> None:
+        """Once per node (Lightning runs it on local rank 0; the other ranks wait): build the image store."""
+        if self.store is not None:
+            self.store.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.store is not None and not self.store.entries:  # a caller that skipped prepare_data (eval, tests)
+            self.store.prepare(world_and_rank(self.trainer)[1])
+        if self.store is not None and self.store.size < eval_resize_size(self.image_size, self.preprocessing["crop_pct"]):
+            raise ConfigError(f"data.store_size={self.store.size} is smaller than the eval resize "
+                              f"{eval_resize_size(self.image_size, self.preprocessing['crop_pct'])}; use null or more")
+
+    @property
+    def image_source(self) -> str | dict:
+        """Where eval images come from, for the feature cache key: "files" also for a store at the eval resize (its
+        eval crops are the PIL path's pixels); a larger store resizes again, so it keys its own features."""
+        if self.store is None or self.store.size == eval_resize_size(self.image_size, self.preprocessing["crop_pct"]):
+            return "files"
+        return {"store_size": self.store.size}
+
+    def _stored(self, split: str, crop: bool, pin_memory: bool = False) -> StoredImages:
+        self.setup()
+        return StoredImages(self.store.entries[split], self.image_size,
+                            eval_resize_size(self.image_size, self.preprocessing["crop_pct"]), crop, pin_memory,
+                            self.preprocessing["interpolation"])
 
     def transforms(self, train: bool) -> v2.Compose:
         if not train or self.augment == "none":
@@ -26,9 +72,38 @@ class FileImageDataModule(ImageDataModule):
                                                                         antialias=True),
                            v2.RandomHorizontalFlip(), v2.ToDtype(torch.uint8)])
 
-    def split_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def split_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False):
+        if self.store is not None:  # batches by index from the map; a train batch carries its indices to augment
+            augment = shuffle and split == "train" and self.augment != "none"
+            dataset = self._stored(split, crop=not augment, pin_memory=torch.cuda.is_available())
+            return index_batch_loader(dataset, batch_size, shuffle, drop_last, self.trainer, self.seed)
         dataset: Dataset = self.split_dataset(split, train_transforms=shuffle and split == "train")
         workers = self.num_workers
-        return DataLoader(dataset, batch_size=batch_size, sampler=self.sampler(len(dataset), shuffle),
-                          drop_last=drop_last and len(dataset) > batch_size, num_workers=workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0 and shuffle)
+        common = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
+        if not shuffle:
+            return DataLoader(dataset, batch_size=batch_size, sampler=self.eval_sampler(len(dataset)), **common)
+        # training: the in-memory data's epoch order and mid-epoch resume, augmentation seeded per sample; workers
+        # start each epoch (a DataLoader made before a restore would replay the epoch: WorkerBatchLoader)
+        world, rank = world_and_rank(self.trainer)
+        batches = IndexBatchSampler(len(dataset), batch_size, True, drop_last, world, rank, self.seed)
+        return WorkerBatchLoader(dataset, batches, self.trainer, self.seed, **common)
+
+    def subset_loader(self, split: str, indices: torch.Tensor, batch_size: int):
+        if self.store is None:
+            return super().subset_loader(split, indices, batch_size)
+        return index_batch_loader(RowSubset(self._stored(split, crop=True), indices), batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if len(batch) == 2:
+            return super().on_after_batch_transfer(batch, dataloader_idx)
+        images, labels, index = batch  # stored squares of a training batch: augment on the device
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        if self.augment == "random_resized_crop":
+            images = random_resized_crop_flip(images, index, self.seed, epoch, self.image_size)
+        else:  # flip: the eval crop, flipped per sample
+            images = eval_crop(images, self.image_size, eval_resize_size(self.image_size, self.preprocessing["crop_pct"]),
+                               self.preprocessing["interpolation"])
+            flip = uniform(self.seed, epoch, index.to(images.device), 0) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images).float().div_(255)
+        mean, std = self._normalisation(images.device)
+        return (images - mean) / std, labels

@@ -151,5 +151,5 @@ class ImageFolderDataModule(FileImageDataModule):
                 digest.update(f"{split}|{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         return {"name": "image_folder", "root": str(self.root), "files": digest.hexdigest()[:16]}
 
-    def split_dataset(self, split: str, train_transforms: bool = False) -> LabelledFiles:
-        return LabelledFiles(self.samples[split], self.transforms(train=train_transforms))
+    def split_dataset(self, split: str, train_transforms: bool = False, transform=None) -> LabelledFiles:
+        return LabelledFiles(self.samples[split], transform or self.transforms(train=train_transforms))

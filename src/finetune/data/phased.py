@@ -22,6 +22,9 @@ class PhaseInputs(LightningDataModule):
     def report(self) -> dict:
         return self.features.report
 
+    def prepare_data(self) -> None:
+        self.images.prepare_data()
+
     def setup(self, stage: str | None = None) -> None:
         self.images.trainer = self.features.trainer = self.trainer
         if stage in ("fit", None):

@@ -390,9 +390,10 @@ class MappedEntry:
 
     Pages a gather touches stay mapped (and count in the process's RSS) until `release_bytes` more have been read;
     then every map drops its pages (madvise DONTNEED; they stay in the kernel's page cache), so a pass over an entry
-    of any size keeps at most about `release_bytes` of it in the process."""
+    of any size keeps at most about `release_bytes` of it in the process. The price: an entry larger than that is
+    mapped again, page by page, on every pass (README, "The feature cache": throughput from the map)."""
 
-    def __init__(self, entry: Entry, shards: list[int] | None = None, release_bytes: int = 256 * 2**20):
+    def __init__(self, entry: Entry, shards: list[int] | None = None, release_bytes: int = 2**30):
         self.key, self.rows, self.rows_per_shard = entry.key, entry.rows, entry.rows_per_shard
         self.columns = entry.columns
         self.release_bytes, self._read_since_release = release_bytes, 0

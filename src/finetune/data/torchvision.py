@@ -49,8 +49,24 @@ class TorchvisionDataModule(FileImageDataModule):
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self._datasets: dict[str, tuple[Dataset, np.ndarray]] | None = None
 
+    def prepare_data(self) -> None:
+        """Once per node (Lightning runs it on local rank 0; the other ranks wait): download, then the image store."""
+        self._downloading = self.download
+        try:
+            self.datasets  # noqa: B018 - opening the splits downloads what is missing
+        finally:
+            self._downloading = False
+        super().prepare_data()
+
     def _open(self, **split_kwargs) -> Dataset:
         cls = getattr(torchvision.datasets, self.name)
+        if not getattr(self, "_downloading", False):  # outside prepare_data: use the files, or download if none
+            try:
+                return cls(self.root, download=False, **split_kwargs)
+            except RuntimeError:
+                if not self.download:
+                    raise OfflineError(f"{self.name} is not under {self.root} and download is off; set "
+                                       f"data.download=true when online, or use data=image_folder data.root=...")
         try:
             return cls(self.root, download=self.download, **split_kwargs)
         except network_error_types() as err:
@@ -108,6 +124,6 @@ class TorchvisionDataModule(FileImageDataModule):
         return {"name": f"torchvision.{self.name}", "root": str(Path(self.root).resolve()), "sizes": sizes,
                 "val_fraction": self.val_fraction, "split_seed": self.split_seed}
 
-    def split_dataset(self, split: str, train_transforms: bool = False) -> TransformedSubset:
+    def split_dataset(self, split: str, train_transforms: bool = False, transform=None) -> TransformedSubset:
         dataset, indices = self.datasets[split]
-        return TransformedSubset(dataset, indices, self.transforms(train=train_transforms))
+        return TransformedSubset(dataset, indices, transform or self.transforms(train=train_transforms))
