@@ -57,7 +57,9 @@ def kind(command: str) -> str | None:
     if words[0] in ("finetune-eval", "finetune-cache", "finetune-predict", "finetune-export"):
         return words[0].removeprefix("finetune-")
     if words[0] == "finetune-bench":
-        return "bench_cache" if words[1:2] == ["cache"] else "bench_cuda" if "cuda" in words else "bench"
+        if words[1:2] in (["cache"], ["loader"]):
+            return f"bench_{words[1]}"
+        return "bench_cuda" if "cuda" in words else "bench"
     return None
 
 
@@ -248,6 +250,15 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         assert [r["run"] for r in report["rows"]] == ["extract", "hit"]
         assert [r["cache_hit"] for r in report["rows"]] == [False, True] and report["rows"][0]["peak_rss_mb"] > 0
         assert report["in_process"]["open_rows"] == 300 + 75 + 75 and report["in_process"]["map_over_ram"] > 0
+    elif how == "bench_loader":
+        from finetune.bench import main as bench_main
+
+        out = tmp_path / "bench_loader.json"
+        bench_main([*words[1:], "--images", "100", "--image-size", "32", "--batch-size", "8", "--workers", "0",
+                    "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+        report = json.loads(out.read_text())
+        assert [r["images"] for r in report["rows"]] == [80, 80], "80 train images (10 val, 10 test): 10 batches"
+        assert report["decoded_by_store_build"] == 100 and report["store_over_pil"] > 0
     elif how in ("bench", "bench_cuda"):
         from finetune.bench import benchmark
 

@@ -9,6 +9,7 @@ fast paths costs. Prints a table and writes JSON; asserts nothing (targets are r
     finetune-bench --device cuda                      # 224 px, batch 256, efficientnet_lite0 and resnet50
     finetune-bench --device cpu --models efficientnet_lite0 --image-size 64 --batch-size 32
     finetune-bench cache                              # the feature cache at N = 50k and 500k (finetune.bench_cache)
+    finetune-bench loader                             # JPEG folder: PIL path against the store (finetune.bench_loader)
 """
 
 from __future__ import annotations
@@ -369,6 +370,11 @@ def main(argv=None) -> None:
         from finetune import bench_cache
 
         bench_cache.main(argv[1:])
+        return
+    if argv[:1] == ["loader"]:  # image files: the PIL path against the decode-once store, finetune.bench_loader
+        from finetune import bench_loader
+
+        bench_loader.main(argv[1:])
         return
     benchmark(argv)
 
