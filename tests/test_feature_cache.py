@@ -350,3 +350,4 @@ def test_the_code_digest_covers_the_preprocessing_module(tiny, tmp_path, monkeyp
     edited.write_text(Path(preprocessing.__file__).read_text() + "\n# an edit\n")
     monkeypatch.setattr(preprocessing, "__file__", str(edited))
     assert cached.code_versions(images)["source"] != before
+

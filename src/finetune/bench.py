@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -362,6 +363,16 @@ def benchmark(argv=None) -> list[dict]:
     print(f"goal: template/raw >= {GOAL[args.device]} on {args.device}")
     print(f"written: {args.out}")
     return rows
+
+
+def write_report(report: dict, out: str, work_dir: Path | None = None) -> dict:
+    """Write a benchmark's JSON report (and remove its scratch folder); returns the report."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1))
+    print(f"written: {out}")
+    if work_dir is not None:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return report
 
 
 def main(argv=None) -> None:

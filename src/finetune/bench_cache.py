@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from finetune.bench import write_report
+
 MB = 2**20
 
 
@@ -218,11 +220,7 @@ def main(argv=None) -> dict:
     print(format_table(rows))
     print(f"growth per 100k train rows (MB): {report['growth_mb_per_100k']}")
     print(f"entries on disk (bytes): {report['entry_bytes']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"written: {args.out}")
-    shutil.rmtree(work, ignore_errors=True)
-    return report
+    return write_report(report, args.out, work)
 
 
 if __name__ == "__main__":

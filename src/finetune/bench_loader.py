@@ -14,11 +14,12 @@ nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
 from pathlib import Path
+
+from finetune.bench import write_report
 
 import numpy as np
 import torch
@@ -116,11 +117,7 @@ def main(argv=None) -> dict:
         build_s = "" if row["build_seconds"] is None else f"{row['build_seconds']:.1f}"
         print(f"{row['path']:<44} | {row['images_per_second']:>9,.0f} | {build_s:>8} | {disk:>8}")
     print(f"store / PIL: {ratio:.2f}x")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"written: {args.out}")
-    shutil.rmtree(work, ignore_errors=True)
-    return report
+    return write_report(report, args.out, work)
 
 
 if __name__ == "__main__":

@@ -370,8 +370,8 @@ class Entry:
                 "bytes": size, "columns": self.manifest["columns"], "complete": self.complete}
 
 
-def map_npy(path: Path) -> tuple[mmap.mmap, np.ndarray]:
-    """A .npy file as (its map, the array over it): copy-on-write, so torch takes the array without a read-only
+def map_npy(path: Path) -> np.ndarray:
+    """A .npy file as an array over its memory map: copy-on-write, so torch takes the array without a read-only
     warning and nothing is ever written back; no byte is read until a row is."""
     with open(path, "rb") as handle:
         version = np.lib.format.read_magic(handle)
@@ -382,41 +382,24 @@ def map_npy(path: Path) -> tuple[mmap.mmap, np.ndarray]:
     if fortran:
         raise ValueError(f"{path} is Fortran-ordered; the store writes C order")
     count = int(np.prod(shape, dtype=np.int64))
-    return mapped, np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 class MappedEntry:
     """A complete entry's columns as memory-mapped tensors, one per shard; rows are gathered by index.
 
-    Pages a gather touches stay mapped (and count in the process's RSS) until `release_bytes` more have been read;
-    then every map drops its pages (madvise DONTNEED; they stay in the kernel's page cache), so a pass over an entry
-    of any size keeps at most about `release_bytes` of it in the process. The price: an entry larger than that is
-    mapped again, page by page, on every pass (README, "The feature cache": throughput from the map)."""
+    Nothing is read until a row is. The pages a gather touches are the kernel's page cache mapped into this process:
+    they count in its RSS (RssFile), are shared by every process that maps the entry (the ranks of a node), and are
+    dropped by the kernel under memory pressure; the process itself allocates only the batches it gathers."""
 
-    def __init__(self, entry: Entry, shards: list[int] | None = None, release_bytes: int = 2**30):
+    def __init__(self, entry: Entry, shards: list[int] | None = None):
         self.key, self.rows, self.rows_per_shard = entry.key, entry.rows, entry.rows_per_shard
         self.columns = entry.columns
-        self.release_bytes, self._read_since_release = release_bytes, 0
         records = entry.records()
         self.shards: dict[int, dict[str, torch.Tensor]] = {}
-        self._maps: list[mmap.mmap] = []
         for shard in range(entry.num_shards) if shards is None else shards:
-            self.shards[shard] = {}
-            for name, column in self.columns.items():
-                mapped, array = map_npy(entry.folder / records[shard]["files"][name]["file"])
-                self._maps.append(mapped)
-                self.shards[shard][name] = column.to_torch(array)
-
-    def release(self) -> None:
-        """Drop every mapped page from this process (the next read maps it again from the page cache)."""
-        for mapped in self._maps:
-            mapped.madvise(mmap.MADV_DONTNEED)
-        self._read_since_release = 0
-
-    def _count_read(self, nbytes: int) -> None:
-        self._read_since_release += nbytes
-        if self._read_since_release > self.release_bytes and hasattr(mmap, "MADV_DONTNEED"):
-            self.release()
+            self.shards[shard] = {name: column.to_torch(map_npy(entry.folder / records[shard]["files"][name]["file"]))
+                                  for name, column in self.columns.items()}
 
     def __len__(self) -> int:
         return self.rows
@@ -430,7 +413,6 @@ class MappedEntry:
         out = torch.empty((len(index), *self.columns[name].shape), dtype=self.dtype(name), pin_memory=pin_memory)
         shard_of = torch.div(index, self.rows_per_shard, rounding_mode="floor")
         local = index - shard_of * self.rows_per_shard
-        self._count_read(out.numel() * out.element_size())
         first, last = (int(shard_of.min()), int(shard_of.max())) if len(index) else (0, -1)
         if first == last:
             return torch.index_select(self.shards[first][name], 0, local, out=out)
@@ -445,7 +427,6 @@ class MappedEntry:
         for shard, tensors in self.shards.items():
             start = shard * self.rows_per_shard
             out[start:start + len(tensors[name])].copy_(tensors[name])
-            self._count_read(tensors[name].numel() * tensors[name].element_size())
         return out
 
     @property
