@@ -249,7 +249,7 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         report = json.loads(out.read_text())
         assert [r["run"] for r in report["rows"]] == ["extract", "hit"]
         assert [r["cache_hit"] for r in report["rows"]] == [False, True] and report["rows"][0]["peak_rss_mb"] > 0
-        assert report["in_process"]["open_rows"] == 300 + 75 + 75 and report["in_process"]["map_over_ram"] > 0
+        assert report["in_process"]["open_rows"] == 300 + 75 + 75 and min(report["in_process"]["map_over_ram"]) > 0
     elif how == "bench_loader":
         from finetune.bench import main as bench_main
 
