@@ -69,9 +69,10 @@ def test_device_augmentation_draws_per_sample_parameters_from_seed_epoch_and_ind
     assert not torch.equal(torch.stack(crop_boxes(42, 4, index, 96, 128)[:4], dim=1), boxes), "another epoch"
     assert not torch.equal(torch.stack(crop_boxes(43, 3, index, 96, 128)[:4], dim=1), boxes), "another seed"
     images = torch.randint(0, 256, (64, 3, 96, 128), dtype=torch.uint8)
-    out = random_resized_crop_flip(images, index, 42, 3, 32)
-    alone = random_resized_crop_flip(images[subset], subset, 42, 3, 32)
-    assert out.shape == (64, 3, 32, 32) and torch.allclose(out[subset], alone, atol=1e-6)
+    for method in ("interpolate", "roi_align"):  # the CPU's and the GPU's
+        out = random_resized_crop_flip(images, index, 42, 3, 32, method=method)
+        alone = random_resized_crop_flip(images[subset], subset, 42, 3, 32, method=method)
+        assert out.shape == (64, 3, 32, 32) and torch.allclose(out[subset], alone, atol=1e-6), method
 
 
 def test_a_whole_crop_without_flip_is_the_resized_image():
@@ -79,8 +80,9 @@ def test_a_whole_crop_without_flip_is_the_resized_image():
     index = torch.tensor([0])
     seed = next(s for s in range(1000) if (lambda b: b[2].item() == 8 and b[3].item() == 8 and not b[4].item())(
         crop_boxes(s, 0, index, 8, 8, scale=(1.0, 1.0), ratio=(1.0, 1.0))))
-    out = random_resized_crop_flip(images, index, seed, 0, 8, scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    torch.testing.assert_close(out, images.float() / 255, atol=1e-6, rtol=0)
+    for method in ("interpolate", "roi_align"):
+        out = random_resized_crop_flip(images, index, seed, 0, 8, scale=(1.0, 1.0), ratio=(1.0, 1.0), method=method)
+        torch.testing.assert_close(out, images.float() / 255, atol=1e-6, rtol=0)
 
 
 def test_a_changed_file_changes_the_stores_key_and_is_decoded_again(tmp_path):

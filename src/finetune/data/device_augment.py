@@ -1,6 +1,6 @@
 """Training augmentation for a whole batch on the training device: random-resized-crop and horizontal flip with
 per-sample parameters, as torchvision's RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, ten tries, then a centre
-crop) and RandomHorizontalFlip, in one `torchvision.ops.roi_align` call.
+crop) and RandomHorizontalFlip: one `torchvision.ops.roi_align` call on a GPU, F.interpolate per crop on the CPU.
 
 Every random number is a pure function of (seed, epoch, sample index, draw): a counter-based hash, computed for the
 whole batch at once on the device. So an epoch's crops do not depend on the batch they fall in, the number of
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 ATTEMPTS = 10
@@ -89,14 +90,26 @@ def crop_boxes(seed: int, epoch: int, index: torch.Tensor, height: int, width: i
 
 def random_resized_crop_flip(images: torch.Tensor, index: torch.Tensor, seed: int, epoch: int, size: int,
                              scale: tuple[float, float] = (0.08, 1.0),
-                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """uint8 or float [B, C, H, W] on any device -> float [B, C, size, size] in [0, 1]: each sample's crop resized
-    (bilinear, averaged over every source pixel the output pixel covers: roi_align's adaptive sampling) and flipped."""
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3), method: str = "auto") -> torch.Tensor:
+    """uint8 or float [B, C, H, W] on any device -> float [B, C, size, size] in [0, 1]: each sample's crop resized and
+    flipped. On a GPU one roi_align call for the batch (bilinear, averaged over every source pixel an output pixel
+    covers); on the CPU each crop through F.interpolate (bilinear, antialiased, uint8 kernels: what torchvision's
+    RandomResizedCrop does to a tensor), which there is several times faster than roi_align. `method`: auto (that
+    choice), roi_align or interpolate."""
     batch, _, height, width = images.shape
     index = index.to(images.device, torch.long)
     top, left, crop_h, crop_w, flip = crop_boxes(seed, epoch, index, height, width, scale, ratio)
-    boxes = torch.stack([torch.arange(batch, device=images.device), left, top, left + crop_w, top + crop_h],
-                        dim=1).to(torch.float32)
+    if method == "auto":
+        method = "interpolate" if images.device.type == "cpu" else "roi_align"
+    if method == "interpolate":  # each crop flipped (a cheap copy of the small crop) before it is resized
+        boxes = zip(*(t.tolist() for t in (top, left, crop_h, crop_w, flip)))
+        crops = (images[i:i + 1, :, y:y + h, x:x + w] for i, (y, x, h, w, _) in enumerate(boxes))
+        out = torch.cat([F.interpolate(crop.flip(-1) if flipped else crop, size=(size, size), mode="bilinear",
+                                       antialias=True, align_corners=False)
+                         for crop, flipped in zip(crops, flip.tolist())])
+        return out.float().div_(255) if out.dtype == torch.uint8 else out
+    rois = torch.stack([torch.arange(batch, device=images.device), left, top, left + crop_w, top + crop_h],
+                       dim=1).to(torch.float32)
     source = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-    out = roi_align(source, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    out = roi_align(source, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     return torch.where(flip[:, None, None, None], out.flip(-1), out)

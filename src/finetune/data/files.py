@@ -106,4 +106,4 @@ class FileImageDataModule(ImageDataModule):
             flip = uniform(self.seed, epoch, index.to(images.device), 0) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images).float().div_(255)
         mean, std = self._normalisation(images.device)
-        return (images - mean) / std, labels
+        return images.sub_(mean).div_(std), labels  # in place: the augmentation made these floats
