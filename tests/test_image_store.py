@@ -151,7 +151,18 @@ def test_ddp_with_the_store_builds_it_once_per_node_and_trains_as_the_pil_path(t
         assert (tmp_path / f"prepare_{store}.txt").read_text().split() == ["0", "0"], "prepare_data: rank 0 of the node"
     reports = [json.loads((tmp_path / "true" / f"store_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert reports[0]["images_decoded"] == 200 + 20 and reports[1]["images_decoded"] == 0
+    assert json.loads((tmp_path / "true" / "metrics.json").read_text())["images_decoded"] == 220
     expected, actual = (torch.load(tmp_path / store / "checkpoints" / "last.ckpt", weights_only=True)
                         for store in ("false", "true"))
     for name, tensor in expected["state_dict"].items():
         assert torch.equal(tensor, actual["state_dict"][name]), f"{name}: the store trained otherwise"
+
+
+def test_an_unreadable_file_is_named_while_the_store_is_built(tmp_path):
+    from finetune.data.preprocessing import CorruptImageError
+
+    root = noisy_folder(tmp_path / "images")
+    (root / "val" / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+    images, _ = build(compose_config(tmp_path, image_run(root, "data.store=true")))
+    with pytest.raises(CorruptImageError, match=r"cannot read image .*broken\.jpg"):
+        images.prepare_data()

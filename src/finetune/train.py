@@ -175,6 +175,10 @@ def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val, last_
                        rows_extracted=report["rows_extracted"],
                        extract_peak_memory_mb=round(report["extract_peak_memory_mb"], 1),
                        peak_memory_mb=round(max(meter.peak_memory_mb, report["extract_peak_memory_mb"]), 1))
+    store = getattr(images, "store", None)
+    if store is not None:  # data.store: the images this run decoded into it (0 when another run built it)
+        metrics.update(images_decoded=store.report["images_decoded"],
+                       store_build_seconds=round(store.report["store_build_seconds"], 3))
     audit = next((c for c in trainer.callbacks if isinstance(c, FreezeAudit)), None)
     if audit is not None and audit.report is not None:
         metrics["audit_violations"] = len(audit.report["violations"])
