@@ -126,10 +126,8 @@ def in_process_figures(args, size: int, cache_dir: Path, out_dir: Path) -> dict:
             self.start = time.perf_counter()
 
         def on_train_epoch_end(self, trainer, module):
-            samples = trainer.num_training_batches * datamodule_batch
+            samples = trainer.num_training_batches * args.head_batch_size  # drop_last: whole batches
             self.rates.append(samples / (time.perf_counter() - self.start))
-
-    datamodule_batch = args.head_batch_size
 
     def fit(datamodule_in_ram: bool) -> tuple[list[float], float]:
         L.seed_everything(cfg.seed)  # the randomly initialised backbone of the CLI runs: the same weights, the same key

@@ -21,7 +21,7 @@ from finetune.data import preprocessing
 from finetune.data.base import (SPLITS, ImageDataModule, IndexBatchDataset, IndexBatchLoader, SplitLoaders,
                                 index_batch_loader, world_and_rank)
 from finetune.data.feature_cache import FeatureCache, weights_digest
-from finetune.data.shard_store import Column, Entry, MappedEntry
+from finetune.data.shard_store import Column, Entry, MappedEntry, default_rows_per_shard
 from finetune.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 # A backbone-config key that says where weights came from, not what they are (the weights digest says that).
 WEIGHT_SOURCE_KEYS = ("pretrained", "checkpoint_path", "weights")
 PROBE_SAMPLES = 4
-SHARD_BYTES = 256 * 2**20  # shard_rows=null: about this much feature data per shard
 
 
 def extraction_mode(device: torch.device) -> dict:
@@ -192,11 +191,12 @@ class CachedFeatureDataModule(SplitLoaders):
 
     # -- finding and building entries ----------------------------------------------------------------------------
     def _rows_per_shard(self, row_bytes: int) -> int:
-        return self.shard_rows or max(1, SHARD_BYTES // max(row_bytes, 1))
+        return self.shard_rows or default_rows_per_shard(row_bytes)
 
-    def _open_entry(self, split: str, key: str, identity: dict, device: torch.device) -> Entry:
+    def _open_entry(self, split: str, key: str, identity: dict, device: torch.device) -> tuple[Entry, list[int]]:
         """The split's entry, laid out, its damaged shards dropped, and the rows it holds checked against a few
-        recomputed ones (so a change the key cannot see, e.g. a forward hook or a patched library, is caught)."""
+        recomputed ones (so a change the key cannot see, e.g. a forward hook or a patched library, is caught); with
+        the shards it holds, valid."""
         entry = self.cache.entry(key)
         total = identity["num_samples"]
         probe = probe_indices(total)
@@ -208,7 +208,7 @@ class CachedFeatureDataModule(SplitLoaders):
         valid = entry.valid_shards()
         stored = torch.isin(torch.div(probe, entry.rows_per_shard, rounding_mode="floor"), torch.tensor(valid))
         if not stored.any():
-            return entry
+            return entry, valid
         mapped = entry.open(valid)
         exact = self.dtype == torch.float32 and extraction_mode(device)["autocast"] is None
         tolerance = 1e-3 if exact else 3e-2
@@ -219,14 +219,15 @@ class CachedFeatureDataModule(SplitLoaders):
             del mapped
             entry.remove()
             entry.create(identity, total, self._rows_per_shard(columns["features"].row_bytes), columns)
-        return entry
+            valid = []
+        return entry, valid
 
     def _load_or_extract(self, split: str, key: str, identity: dict, device: torch.device) -> MappedEntry:
         world, rank = world_and_rank(self.trainer)
         if world == 1:
             with self.cache.lock(key):  # a second process that needs this entry waits, then finds it built
-                entry = self._open_entry(split, key, identity, device)
-                missing = entry.missing_shards()
+                entry, valid = self._open_entry(split, key, identity, device)
+                missing = sorted(set(range(entry.num_shards)) - set(valid))
                 log_resume(split, entry, missing)
                 self._build(entry, split, missing, device, rank)
                 entry.finish()
@@ -235,9 +236,9 @@ class CachedFeatureDataModule(SplitLoaders):
         # folder still lacks (with node-local folders, what the other nodes wrote), a shard at a time.
         strategy = self.trainer.strategy
         with self.cache.lock(key):
-            entry = self._open_entry(split, key, identity, device)
+            entry, valid = self._open_entry(split, key, identity, device)
             held = torch.zeros(entry.num_shards, dtype=torch.int32, device=device)
-            held[entry.valid_shards()] = 1
+            held[valid] = 1
         nobody = (strategy.all_gather(held).reshape(world, -1).amax(0) == 0).nonzero().flatten().tolist()
         if rank == 0:
             log_resume(split, entry, nobody)

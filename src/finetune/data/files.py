@@ -41,25 +41,29 @@ class FileImageDataModule(ImageDataModule):
         if self.store is not None:
             self.store.prepare()
 
+    @property
+    def eval_resize(self) -> int:
+        """The shorter side the eval transform resizes to before its centre crop."""
+        return eval_resize_size(self.image_size, self.preprocessing["crop_pct"])
+
     def setup(self, stage: str | None = None) -> None:
         if self.store is not None and not self.store.entries:  # a caller that skipped prepare_data (eval, tests)
             self.store.prepare(world_and_rank(self.trainer)[1])
-        if self.store is not None and self.store.size < eval_resize_size(self.image_size, self.preprocessing["crop_pct"]):
+        if self.store is not None and self.store.size < self.eval_resize:
             raise ConfigError(f"data.store_size={self.store.size} is smaller than the eval resize "
-                              f"{eval_resize_size(self.image_size, self.preprocessing['crop_pct'])}; use null or more")
+                              f"{self.eval_resize}; use null or more")
 
     @property
     def image_source(self) -> str | dict:
         """Where eval images come from, for the feature cache key: "files" also for a store at the eval resize (its
         eval crops are the PIL path's pixels); a larger store resizes again, so it keys its own features."""
-        if self.store is None or self.store.size == eval_resize_size(self.image_size, self.preprocessing["crop_pct"]):
+        if self.store is None or self.store.size == self.eval_resize:
             return "files"
         return {"store_size": self.store.size}
 
     def _stored(self, split: str, crop: bool, pin_memory: bool = False) -> StoredImages:
         self.setup()
-        return StoredImages(self.store.entries[split], self.image_size,
-                            eval_resize_size(self.image_size, self.preprocessing["crop_pct"]), crop, pin_memory,
+        return StoredImages(self.store.entries[split], self.image_size, self.eval_resize, crop, pin_memory,
                             self.preprocessing["interpolation"])
 
     def transforms(self, train: bool) -> v2.Compose:
@@ -101,8 +105,7 @@ class FileImageDataModule(ImageDataModule):
         if self.augment == "random_resized_crop":
             images = random_resized_crop_flip(images, index, self.seed, epoch, self.image_size)
         else:  # flip: the eval crop, flipped per sample
-            images = eval_crop(images, self.image_size, eval_resize_size(self.image_size, self.preprocessing["crop_pct"]),
-                               self.preprocessing["interpolation"])
+            images = eval_crop(images, self.image_size, self.eval_resize, self.preprocessing["interpolation"])
             flip = uniform(self.seed, epoch, index.to(images.device), 0) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images).float().div_(255)
         mean, std = self._normalisation(images.device)

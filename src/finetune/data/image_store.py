@@ -27,12 +27,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from finetune.data import preprocessing as preprocessing_module
 from finetune.data.feature_cache import FeatureCache
-from finetune.data.preprocessing import eval_resize_size
-from finetune.data.shard_store import Column, Entry, MappedEntry
+from finetune.data.shard_store import Column, Entry, MappedEntry, default_rows_per_shard
 from finetune.progress import Progress
 
 log = logging.getLogger(__name__)
-SHARD_BYTES = 256 * 2**20
 
 
 def centre_offset(length: int, crop: int) -> int:
@@ -129,8 +127,7 @@ class ImageStore:
 
     @property
     def size(self) -> int:
-        p = self.datamodule.preprocessing
-        return self.store_size or eval_resize_size(p["image_size"], p["crop_pct"])
+        return self.store_size or self.datamodule.eval_resize
 
     def identity(self, split: str) -> dict:
         import PIL
@@ -155,8 +152,8 @@ class ImageStore:
         with self.cache.lock(key):
             entry = self.cache.entry(key)
             columns = {"images": Column("uint8", (3, self.size, self.size)), "labels": Column("int64", ())}
-            rows_per_shard = max(1, SHARD_BYTES // columns["images"].row_bytes)
-            entry.create(identity, identity["num_samples"], rows_per_shard, columns)
+            entry.create(identity, identity["num_samples"], default_rows_per_shard(columns["images"].row_bytes),
+                         columns)
             missing = entry.missing_shards()
             if missing:
                 self._build(entry, split, missing, rank)

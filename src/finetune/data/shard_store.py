@@ -42,6 +42,11 @@ FORMAT_VERSION = 3
 KEY_LENGTH = 24
 KEY_PATTERN = re.compile(rf"[0-9a-f]{{{KEY_LENGTH}}}")
 EDGE_BYTES = 64 * 1024
+SHARD_BYTES = 256 * 2**20  # default shard size: about this much of an entry's widest column
+
+
+def default_rows_per_shard(row_bytes: int) -> int:
+    return max(1, SHARD_BYTES // max(row_bytes, 1))
 # numpy has no bfloat16: its bytes are stored as uint16 and viewed back
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int64": np.int64,
            "uint8": np.uint8}
