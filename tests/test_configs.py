@@ -77,6 +77,8 @@ VALUES = {
     # image files decoded once into the store, augmented on the device (random_resized_crop, flip), and read by cached
     "image_folder store, device random_resized_crop": ["data=image_folder", "data.store=true", "strategy=freeze"],
     "image_folder store, device flip": ["data=image_folder", "data.store=true", "data.augment=flip", "strategy=full"],
+    "image_folder store, decoded by torchvision": ["data=image_folder", "data.store=true",
+                                                   "data.store_decode=torchvision", "strategy=freeze"],
     "image_folder store, larger stored size, cached": ["data=image_folder", "data.store=true", "data.store_size=48",
                                                        "strategy=cached"],
     "torchvision store": ["data=torchvision", "data.name=MNIST", "data.download=false", "data.store=true",

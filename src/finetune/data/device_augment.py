@@ -91,10 +91,11 @@ def crop_boxes(seed: int, epoch: int, index: torch.Tensor, height: int, width: i
 def random_resized_crop_flip(images: torch.Tensor, index: torch.Tensor, seed: int, epoch: int, size: int,
                              scale: tuple[float, float] = (0.08, 1.0),
                              ratio: tuple[float, float] = (3 / 4, 4 / 3), method: str = "auto") -> torch.Tensor:
-    """uint8 or float [B, C, H, W] on any device -> float [B, C, size, size] in [0, 1]: each sample's crop resized and
-    flipped. On a GPU one roi_align call for the batch (bilinear, averaged over every source pixel an output pixel
-    covers); on the CPU each crop through F.interpolate (bilinear, antialiased, uint8 kernels: what torchvision's
-    RandomResizedCrop does to a tensor), which there is several times faster than roi_align. `method`: auto (that
+    """[B, C, H, W] on any device -> [B, C, size, size] of the same dtype (uint8 in, uint8 out, as torchvision's
+    transforms): each sample's crop resized and flipped. On a GPU one roi_align call for the batch (bilinear, averaged
+    over every source pixel an output pixel covers); on the CPU each crop through F.interpolate (bilinear,
+    antialiased, uint8 kernels: what torchvision's RandomResizedCrop does to a tensor), which there is several times
+    faster than roi_align, and fastest on channels-last input (the image store's layout). `method`: auto (that
     choice), roi_align or interpolate."""
     batch, _, height, width = images.shape
     index = index.to(images.device, torch.long)
@@ -104,12 +105,12 @@ def random_resized_crop_flip(images: torch.Tensor, index: torch.Tensor, seed: in
     if method == "interpolate":  # each crop flipped (a cheap copy of the small crop) before it is resized
         boxes = zip(*(t.tolist() for t in (top, left, crop_h, crop_w, flip)))
         crops = (images[i:i + 1, :, y:y + h, x:x + w] for i, (y, x, h, w, _) in enumerate(boxes))
-        out = torch.cat([F.interpolate(crop.flip(-1) if flipped else crop, size=(size, size), mode="bilinear",
-                                       antialias=True, align_corners=False)
-                         for crop, flipped in zip(crops, flip.tolist())])
-        return out.float().div_(255) if out.dtype == torch.uint8 else out
+        return torch.cat([F.interpolate(crop.flip(-1) if flipped else crop, size=(size, size), mode="bilinear",
+                                        antialias=True, align_corners=False)
+                          for crop, flipped in zip(crops, flip.tolist())])
     rois = torch.stack([torch.arange(batch, device=images.device), left, top, left + crop_w, top + crop_h],
                        dim=1).to(torch.float32)
-    source = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-    out = roi_align(source, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+    out = roi_align(images.float(), rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1,
+                    aligned=True)
+    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return out.round_().clamp_(0, 255).to(torch.uint8) if images.dtype == torch.uint8 else out.to(images.dtype)

@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 
 from finetune.data.base import (ImageDataModule, IndexBatchSampler, WorkerBatchLoader, index_batch_loader,
                                 world_and_rank)
+from finetune.data.decode import DECODERS
 from finetune.data.device_augment import random_resized_crop_flip, uniform
 from finetune.data.image_store import ImageStore, RowSubset, StoredImages, eval_crop
 from finetune.data.preprocessing import eval_geometry, eval_resize_size
@@ -27,14 +28,17 @@ class FileImageDataModule(ImageDataModule):
     augmentations = ("none", "flip", "random_resized_crop")
     geometry = "crop"
 
-    def __init__(self, store: bool = False, store_size: int | None = None, store_dir: str | None = None, **kwargs):
+    def __init__(self, store: bool = False, store_size: int | None = None, store_dir: str | None = None,
+                 store_decode: str = "auto", **kwargs):
         super().__init__(**kwargs)
         if store_size is not None and int(store_size) <= 0:
             raise ConfigError(f"data.store_size={store_size} must be a positive number of pixels, or null (the eval "
                               f"resize, floor(image_size / crop_pct))")
+        if store_decode not in DECODERS:
+            raise ConfigError(f"data.store_decode={store_decode!r} is not one of {', '.join(DECODERS)}")
         self.store: ImageStore | None = None
         if store:
-            self.store = ImageStore(self, store_dir or "logs/feature_cache", store_size)
+            self.store = ImageStore(self, store_dir or "logs/feature_cache", store_size, store_decode)
 
     def prepare_data(self) -> None:
         """Once per node (Lightning runs it on local rank 0; the other ranks wait): build the image store."""
@@ -55,11 +59,12 @@ class FileImageDataModule(ImageDataModule):
 
     @property
     def image_source(self) -> str | dict:
-        """Where eval images come from, for the feature cache key: "files" also for a store at the eval resize (its
-        eval crops are the PIL path's pixels); a larger store resizes again, so it keys its own features."""
-        if self.store is None or self.store.size == self.eval_resize:
+        """Where eval images come from, for the feature cache key: "files" also for a PIL-decoded store at the eval
+        resize (its eval crops are the PIL path's pixels); a larger store resizes again, and another decoder may
+        differ by a level, so those key their own features."""
+        if self.store is None or (self.store.size == self.eval_resize and self.store.decoder == "pil"):
             return "files"
-        return {"store_size": self.store.size}
+        return {"store_size": self.store.size, "decoder": self.store.decoder}
 
     def _stored(self, split: str, crop: bool, pin_memory: bool = False) -> StoredImages:
         self.setup()
@@ -100,13 +105,12 @@ class FileImageDataModule(ImageDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if len(batch) == 2:
             return super().on_after_batch_transfer(batch, dataloader_idx)
-        images, labels, index = batch  # stored squares of a training batch: augment on the device
+        images, labels, index = batch  # stored squares of a training batch (uint8): augment on the device
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         if self.augment == "random_resized_crop":
             images = random_resized_crop_flip(images, index, self.seed, epoch, self.image_size)
         else:  # flip: the eval crop, flipped per sample
             images = eval_crop(images, self.image_size, self.eval_resize, self.preprocessing["interpolation"])
             flip = uniform(self.seed, epoch, index.to(images.device), 0) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images).float().div_(255)
-        mean, std = self._normalisation(images.device)
-        return images.sub_(mean).div_(std), labels  # in place: the augmentation made these floats
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return self.preprocess(images), labels

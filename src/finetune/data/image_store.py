@@ -7,7 +7,8 @@ floor(image_size / crop_pct)), then a `store_size` square cut from its middle, p
 the square is exactly the crop the PIL path takes from the whole image (the same resize on the same decoded image,
 the same pixels: eval from the store equals eval from the files). Training crops (random-resized-crop) are drawn from
 that square, so on images far from square the sides beyond it are never seen; images are stored at one size, so the
-store's disk cost is rows x 3 x store_size^2 bytes.
+store's disk cost is rows x 3 x store_size^2 bytes. Pixels are stored channels-last (H, W, 3): a batch gathered from
+the map is a channels-last view, the layout torch's antialiased uint8 resize is fastest on (1.8x on the CPU).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from finetune.data import preprocessing as preprocessing_module
+from finetune.data.decode import decode_device, decoded_batches
 from finetune.data.feature_cache import FeatureCache
 from finetune.data.shard_store import Column, Entry, MappedEntry, default_rows_per_shard
 from finetune.progress import Progress
@@ -82,7 +84,7 @@ class StoredImages:
 
     def __getitem__(self, indices: torch.Tensor):
         indices = torch.as_tensor(indices, dtype=torch.long).cpu()
-        images = self.entry.gather("images", indices)
+        images = self.entry.gather("images", indices).permute(0, 3, 1, 2)  # stored HWC: a channels-last view
         labels = self.entry.gather("labels", indices, self.pin_memory)
         if not self.crop:
             return (images.pin_memory() if self.pin_memory else images), labels, indices
@@ -119,15 +121,21 @@ class ImageStore:
     """The decode-once entries of one datamodule: one per split, keyed by the files (paths, sizes, modification
     times), the stored size and resize method, and the code that stores them."""
 
-    def __init__(self, datamodule, root: str, store_size: int | None = None):
+    def __init__(self, datamodule, root: str, store_size: int | None = None, decoder: str = "auto"):
         self.datamodule, self.cache = datamodule, FeatureCache(root)
         self.store_size = int(store_size) if store_size else None
+        self.decode_on = decode_device(decoder)
         self.entries: dict[str, MappedEntry] = {}
         self.report = {"images_decoded": 0, "store_build_seconds": 0.0, "store_hit": True}
 
     @property
     def size(self) -> int:
         return self.store_size or self.datamodule.eval_resize
+
+    @property
+    def decoder(self) -> str:
+        """"pil" (DataLoader workers, the PIL path's own pixels) or "torchvision-<device>" (batched decode_jpeg)."""
+        return "pil" if self.decode_on is None else f"torchvision-{self.decode_on.type}"
 
     def identity(self, split: str) -> dict:
         import PIL
@@ -138,6 +146,7 @@ class ImageStore:
                 "num_samples": len(self.datamodule.split_dataset(split)), "store_size": self.size,
                 "image_size": p["image_size"], "interpolation": p["interpolation"],
                 "geometry": "shorter side to store_size, the square aligned with the eval centre crop",
+                "layout": "HWC", "decoder": self.decoder,
                 "code": {"torchvision": torchvision.__version__, "pillow": PIL.__version__,
                          "finetune": importlib.metadata.version("finetune"), "source": store_code_digest()}}
 
@@ -151,7 +160,7 @@ class ImageStore:
         key = self.cache.key(identity)
         with self.cache.lock(key):
             entry = self.cache.entry(key)
-            columns = {"images": Column("uint8", (3, self.size, self.size)), "labels": Column("int64", ())}
+            columns = {"images": Column("uint8", (self.size, self.size, 3)), "labels": Column("int64", ())}
             entry.create(identity, identity["num_samples"], default_rows_per_shard(columns["images"].row_bytes),
                          columns)
             missing = entry.missing_shards()
@@ -163,8 +172,9 @@ class ImageStore:
     def _build(self, entry: Entry, split: str, shards: list[int], rank: int) -> None:
         self.report["store_hit"] = False
         start_time = time.perf_counter()
-        dataset = self.datamodule.split_dataset(split, transform=StoreGeometry(self.datamodule.preprocessing,
-                                                                               self.size))
+        geometry = StoreGeometry(self.datamodule.preprocessing, self.size)
+        dataset = self.datamodule.split_dataset(split, transform=geometry)
+        files = getattr(dataset, "samples", None) if self.decode_on is not None else None  # torchvision decodes files
         rows = sum(stop - start for start, stop in map(entry.shard_range, shards))
         if len(shards) < entry.num_shards:
             log.info("resuming the image store of %s at row %s of %s (%s)", split,
@@ -172,13 +182,16 @@ class ImageStore:
         with Progress(f"storing {split} images", rows, unit="images", enabled=rank == 0) as progress:
             for shard in shards:
                 start, stop = entry.shard_range(shard)
-                images = torch.empty((stop - start, 3, self.size, self.size), dtype=torch.uint8)
+                images = torch.empty((stop - start, self.size, self.size, 3), dtype=torch.uint8)
                 labels = torch.empty(stop - start, dtype=torch.int64)
                 position = 0
-                loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=64,
-                                    num_workers=self.datamodule.num_workers)
+                if files is not None:
+                    loader = decoded_batches(files[start:stop], geometry, self.decode_on)
+                else:
+                    loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=64,
+                                        num_workers=self.datamodule.num_workers)
                 for batch_images, batch_labels in loader:
-                    images[position:position + len(batch_images)] = batch_images
+                    images[position:position + len(batch_images)] = batch_images.permute(0, 2, 3, 1)
                     labels[position:position + len(batch_images)] = torch.as_tensor(batch_labels)
                     position += len(batch_images)
                     progress.advance(len(batch_images))
