@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from finetune.eval import evaluate
-from finetune.train import train
+from finetune.train import build, train
 from tests.conftest import TINY, compose_config, fit, initial_state, snapshot
 
 pytestmark = pytest.mark.gpu
@@ -71,3 +71,28 @@ def test_a_model_trained_on_the_gpu_predicts_and_exports_as_on_the_cpu(tmp_path)
     assert torch.allclose(on_gpu(images), on_cpu(images), atol=1e-3)
     exported = export(metrics["best_checkpoint"], "torchscript", tmp_path / "export")
     assert exported["parity_max_abs_logit_diff"] < 1e-4  # exported and checked on the CPU
+
+
+def test_the_store_decoded_on_the_gpu_trains_and_its_eval_pixels_match_pil(tmp_path):
+    """data.store_decode=auto on a GPU: JPEGs decoded by nvJPEG in batches, PNGs by PIL, resized on the GPU; eval
+    pixels within a few levels of the PIL path (another JPEG decoder and a float resize; the figure goes in the
+    GPU note), and a training run with device augmentation (roi_align) freezes exactly."""
+    from tests.test_image_store import image_run, noisy_folder
+
+    root = noisy_folder(tmp_path / "images")
+    run = image_run(root, "data.store=true", f"data.store_dir={tmp_path / 'store'}")
+    on_gpu = [o.replace("trainer.accelerator=cpu", "trainer.accelerator=gpu") for o in run]
+    stored, _ = build(compose_config(tmp_path, on_gpu))
+    files, _ = build(compose_config(tmp_path, [o for o in on_gpu if not o.startswith("data.store")]))
+    stored.prepare_data()
+    assert stored.store.decoder == "torchvision-cuda" and stored.store.report["images_decoded"] == 24
+    for split in ("train", "val"):
+        want = torch.cat([b[0] for b in files.split_loader(split, 64, shuffle=False)]).int()
+        got = torch.cat([b[0] for b in stored.split_loader(split, 64, shuffle=False)]).int()
+        difference = (got - want).abs()
+        print(f"{split}: GPU-decoded store vs PIL eval pixels: max {difference.max().item()}, "
+              f"mean {difference.float().mean().item():.3f} levels")
+        assert difference.float().mean() < 2 and difference.max() <= 32
+    metrics = train(compose_config(tmp_path / "run", on_gpu))
+    assert metrics["images_decoded"] == 0 and metrics["device"].startswith("cuda")
+    assert json.loads((tmp_path / "run" / "param_audit.json").read_text())["violations"] == []

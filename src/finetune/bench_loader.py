@@ -102,7 +102,8 @@ def main(argv=None) -> dict:
     build = time.perf_counter() - build_start
     count, seconds = measure_epoch(stored, device)
     disk = sum(p.stat().st_size for p in (work / "store").rglob("*.npy"))
-    rows.append({"path": f"store ({stored.store.size} px squares, augmented on {device.type})", "images": count,
+    rows.append({"path": f"store ({stored.store.size} px, {stored.store.decoder}, augmented on {device.type})",
+                 "images": count,
                  "seconds": round(seconds, 2), "images_per_second": round(count / seconds, 1),
                  "build_seconds": round(build, 1), "disk_bytes": disk})
     print(rows[-1], flush=True)
@@ -110,12 +111,12 @@ def main(argv=None) -> dict:
     report = {"args": vars(args), "rows": rows, "store_over_pil": round(ratio, 2), "jpeg_bytes": jpeg_bytes,
               "decoded_by_store_build": stored.store.report["images_decoded"], "date": time.strftime("%Y-%m-%d"),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"}
-    header = f"{'path':<44} | {'images/s':>9} | {'build s':>8} | {'disk MiB':>8}"
+    header = f"{'path':<56} | {'images/s':>9} | {'build s':>8} | {'disk MiB':>8}"
     print(header + "\n" + "-" * len(header))
     for row in rows:
         disk = "" if row["disk_bytes"] is None else f"{row['disk_bytes'] / 2**20:,.0f}"
         build_s = "" if row["build_seconds"] is None else f"{row['build_seconds']:.1f}"
-        print(f"{row['path']:<44} | {row['images_per_second']:>9,.0f} | {build_s:>8} | {disk:>8}")
+        print(f"{row['path']:<56} | {row['images_per_second']:>9,.0f} | {build_s:>8} | {disk:>8}")
     print(f"store / PIL: {ratio:.2f}x")
     return write_report(report, args.out, work)
 
