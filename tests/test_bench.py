@@ -43,3 +43,14 @@ def test_benchmark_measures_template_raw_and_naive_for_each_kind_of_strategy(tmp
     assert ("full", "naive") in runners and ("cached", "raw") in runners
     assert sum(m["runner"] == "template" for m in report["measurements"]) == 2 * len(rows), "alternated, twice each"
     assert "tpl/raw" in format_table(rows)
+
+
+def test_the_storage_benchmark_reads_back_what_each_library_wrote(tmp_path):
+    """finetune-bench storage at a toy size, for the libraries every install has (litdata is optional)."""
+    from finetune import bench_storage
+
+    report = bench_storage.main(["--rows", "300", "--size", "16", "--libraries", "npy", "safetensors",
+                                 "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "storage.json")])
+    assert [r["library"] for r in report["results"]] == ["npy", "safetensors"]
+    assert all(r["disk_bytes"] >= 300 * 16 * 16 * 3 and r["random_first"] > 0 for r in report["results"])
+    assert not (tmp_path / "work").exists()

@@ -10,6 +10,7 @@ fast paths costs. Prints a table and writes JSON; asserts nothing (targets are r
     finetune-bench --device cpu --models efficientnet_lite0 --image-size 64 --batch-size 32
     finetune-bench cache                              # the feature cache at N = 50k and 500k (finetune.bench_cache)
     finetune-bench loader                             # JPEG folder: PIL path against the store (finetune.bench_loader)
+    finetune-bench storage                            # npy maps, safetensors, litdata (finetune.bench_storage)
 """
 
 from __future__ import annotations
@@ -386,6 +387,11 @@ def main(argv=None) -> None:
         from finetune import bench_loader
 
         bench_loader.main(argv[1:])
+        return
+    if argv[:1] == ["storage"]:  # the storage library, chosen by measurement: finetune.bench_storage
+        from finetune import bench_storage
+
+        bench_storage.main(argv[1:])
         return
     benchmark(argv)
 
