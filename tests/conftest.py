@@ -22,11 +22,12 @@ TINY = ["backbone=timm", "backbone.name=test_efficientnet", "backbone.pretrained
         "trainer.enable_model_summary=false", "~callbacks.progress_bar", "logger=csv"]
 
 
-def compose_config(tmp_path: Path, overrides: list[str], config_name: str = "train"):
-    """The composed config exactly as the CLI would build it, with outputs and cache under tmp_path."""
+def compose_config(tmp_path: Path, overrides: list[str], config_name: str = "train", return_hydra: bool = False):
+    """The composed config exactly as the CLI would build it, with outputs and cache under tmp_path (and with its
+    `hydra` node: launcher, sweep, if return_hydra)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name=config_name, overrides=[
+        return compose(config_name=config_name, return_hydra_config=return_hydra, overrides=[
             f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}", f"paths.log_dir={tmp_path}",
             *overrides])
 

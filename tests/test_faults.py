@@ -165,7 +165,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoi
 # -- sweeps --------------------------------------------------------------------------------------------------------
 def test_a_failed_job_does_not_end_the_sweep(tmp_path):
     """A bad value and a diverging run each fail their own job; the sweep goes on, then exits 1 naming them."""
-    from finetune.report import collect_runs, format_text
+    from finetune.report import collect_runs, format_text, summarise
 
     sweep = tmp_path / "sweep"
     result = run_main("finetune.train", "-m", *TINY, "strategy=freeze", "optimizer.lr=-1,1e-2",
@@ -181,7 +181,7 @@ def test_a_failed_job_does_not_end_the_sweep(tmp_path):
     assert "training loss became nan" in result.stderr
     rows = collect_runs(sweep)
     assert [r.get("failed", False) for r in rows] == [False, True, True, True]
-    text = format_text(rows)
+    text = format_text(summarise(rows))
     assert text.count("failed: freeze: ") == 3 and "training loss became nan" in text
 
 

@@ -43,3 +43,7 @@ def test_a_built_wheel_runs_the_main_job_from_an_empty_folder(tmp_path):
     run_dir = Path(result.stdout.split("run directory: ")[1].strip())
     assert (empty / run_dir / "metrics.json").exists() and (empty / run_dir / "checkpoints" / "last.ckpt").exists()
     assert "max_epochs: 2" in (empty / run_dir / ".hydra" / "config.yaml").read_text()
+    # the wheel carries finetune-compare's Hydra launcher plugin (hydra_plugins/finetune_launcher): it composes
+    launcher = subprocess.run([str(site / "bin" / "finetune-compare"), "--cfg", "hydra", "--package", "hydra.launcher"],
+                              cwd=empty, env=env, capture_output=True, text=True, timeout=120)
+    assert "LocalProcessesLauncher" in launcher.stdout, launcher.stderr[-2000:]

@@ -180,29 +180,29 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
     elif how == "compare":
         from finetune import compare
 
-        class TrainInThisProcess:
-            """Each strategy's finetune-train command line, run by its main() in this process: the same job without
-            eleven interpreters' imports (tests/test_compare.py runs compare's real subprocesses)."""
+        def sweep_in_this_process(command: list[str]) -> int:
+            """The compare's `finetune-train -m` sweep, run by its main() in this process with Hydra's basic
+            launcher: the same jobs without eleven interpreters' imports (tests/test_compare.py runs the real
+            launcher's subprocesses)."""
+            assert command[1:4] == ["-m", "finetune.train", "-m"]
+            return run_main(command[2], *command[3:], "hydra/launcher=basic", cwd=tmp_path).returncode
 
-            def __init__(self, command: list[str]):
-                assert command[1:3] == ["-m", "finetune.train"]
-                self.returncode = run_main(command[2], *command[3:], cwd=tmp_path).returncode
-
-            def poll(self) -> int:
-                return self.returncode
-
-        monkeypatch.setattr(compare.subprocess, "Popen", TrainInThisProcess)
+        monkeypatch.setattr(compare, "run_sweep", sweep_in_this_process)
         out = tmp_path / "compare"
         # each strategy keeps its own epoch count (a staged one refuses fewer epochs than its phases): two steps each
         small = [o for o in with_small_settings(words[1:]) if o != "trainer.max_epochs=1"] + ["++trainer.max_steps=2"]
+        if not any(o.startswith("compare.seeds=") for o in small):  # two seeds: the paired tests pair by seed
+            small.append("compare.seeds=[42,43]")
         result = run_main("finetune.compare", *small, f"paths.cache_dir={shared['cache']}",
                           f"hydra.run.dir={out}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
-        runs = {json.loads(p.read_text())["strategy"]: p.parent for p in out.glob("*/metrics.json")}
+        runs = {json.loads(p.read_text())["strategy"]: p.parent for p in out.glob("*_seed42/metrics.json")}
         rows = {name: json.loads((run / "metrics.json").read_text()) for name, run in runs.items()}
         from finetune.config import strategy_names
 
         assert sorted(rows) == strategy_names(), "every strategy config, no list kept anywhere"
+        assert len(list(out.glob("*_seed43/metrics.json"))) == len(rows), "every strategy once per seed"
+        assert result.stdout.index("recommended by") < result.stdout.index("95% interval"), "the line tops the table"
         assert {r["epochs"] for r in rows.values()} == {1}
         # same seed, same batches, eval-mode features: the strategies that train only the head agree
         assert rows["freeze"]["test_acc"] == rows["no_grad"]["test_acc"] == rows["cached"]["test_acc"]

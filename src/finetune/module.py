@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from lightning import LightningModule
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import Backbone
@@ -56,6 +56,9 @@ class FinetuneModule(LightningModule):
                                        for stage in STAGES})
         # nan_strategy="disable": the default NaN check reads the value back every step (NonFiniteLossGuard watches)
         self.mean_loss = nn.ModuleDict({f"{stage}_": MeanMetric(nan_strategy="disable") for stage in STAGES})
+        # the test split per sample (index, label, predicted class, probability of the label), gathered from every
+        # rank: what finetune-compare pairs runs on (predictions.csv beside metrics.json)
+        self.test_predictions = CatMetric(nan_strategy="disable").set_dtype(torch.float64)
         strategy.prepare(self)
 
     # -- modes ---------------------------------------------------------------------------------------------------
@@ -82,14 +85,15 @@ class FinetuneModule(LightningModule):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.head(self.strategy.extract(self.backbone, inputs))
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
+    def _step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) of a batch, accumulated into the stage's epoch metrics."""
         inputs, targets = batch
         logits = self(inputs)
         loss = self.criterion(logits, targets)
         self.accuracy[f"{stage}_"].update(logits.detach(), targets)
         # weighted by samples: the batch mean once per sample, so a last batch of 14 weighs 14/256 of a full one
         self.mean_loss[f"{stage}_"].update(loss.detach().expand(len(targets)))
-        return loss
+        return loss, logits
 
     def _log_epoch(self, stage: str) -> None:
         """Epoch metrics, synchronised across DDP ranks by torchmetrics' compute()."""
@@ -102,7 +106,7 @@ class FinetuneModule(LightningModule):
         mean_loss.reset()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
+        loss, _ = self._step(batch, "train")
         # only on the steps Lightning writes to the loggers (each self.log costs milliseconds of Python), so the value
         # written at step s is step s's own loss; the rule is Lightning's (pinned by tests/test_metrics.py)
         if self.trainer._logger_connector.should_update_logs:
@@ -131,14 +135,33 @@ class FinetuneModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
 
+    def on_test_epoch_start(self) -> None:
+        self.test_predictions.reset()
+        self._test_seen = 0
+
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+
+    def test_prediction_rows(self) -> torch.Tensor:
+        """float64 [N, 4] (index, label, predicted, probability of the label) of the last test, every rank's, by
+        index."""
+        rows = self.test_predictions.compute().view(-1, 4).cpu()
+        return rows[rows[:, 0].argsort()]
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test")
+        _, logits = self._step(batch, "test")
+        targets = batch[-1]
+        # evaluation reads the split in order, each rank every world-th sample (eval_sampler): the k-th sample this
+        # rank sees is index rank + k * world
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        index = rank + world * (self._test_seen + torch.arange(len(targets), device=targets.device))
+        self._test_seen += len(targets)
+        probabilities = logits.detach().float().softmax(dim=-1)
+        self.test_predictions.update(torch.stack([index.double(), targets.double(), probabilities.argmax(-1).double(),
+                                                  probabilities.gather(1, targets[:, None])[:, 0].double()], dim=1))
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self(batch[0] if isinstance(batch, (tuple, list)) else batch).softmax(dim=-1)

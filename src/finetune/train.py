@@ -24,6 +24,7 @@ from finetune.module import FinetuneModule
 
 log = logging.getLogger("finetune")
 LR_LAYOUT_KEYS = ("layer_decay", "lr_mult")
+PREDICTIONS_FILE = "predictions.csv"
 
 
 def build_images_and_module(cfg: DictConfig, backbone_overrides: dict | None = None,
@@ -107,6 +108,7 @@ def train(cfg: DictConfig) -> dict:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
             last_val, last_val_loss = (trainer.callback_metrics.get(f"val/{name}") for name in ("acc", "loss"))
             tested = trainer.test(module, datamodule=datamodule, ckpt_path=_best_or_current(trainer), verbose=False)
+            predictions = module.test_prediction_rows() if tested else None  # every rank: it gathers
     finally:
         finish_tracker_runs(trainer.loggers)
     metrics = _run_metrics(cfg, trainer, module, datamodule, tested[0] if tested else {}, last_val,
@@ -115,11 +117,28 @@ def train(cfg: DictConfig) -> dict:
         output_dir = Path(cfg.paths.output_dir)
         # what the strategy keeps of the tested weights (trainer.test loaded them): the peft strategies' adapter
         metrics.update(module.strategy.write_outputs(module, output_dir))
+        if predictions is not None:
+            metrics.update(write_predictions(predictions, output_dir, getattr(datamodule, "images", datamodule)))
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         val = float("nan") if metrics["val_acc"] is None else metrics["val_acc"]
         print(f"test accuracy {metrics['test_acc']:.4f} (val {val:.4f}, "
               f"strategy={metrics['strategy']}, {metrics['fit_seconds']:.1f}s fit)\nrun directory: {output_dir}")
     return metrics
+
+
+def write_predictions(rows: torch.Tensor, output_dir: Path, images) -> dict:
+    """predictions.csv: the test split per sample (index, label, predicted, probability of the label), so that any
+    two runs on one split can be compared pairwise; returns what metrics.json records of it (`test_split_id`
+    identifies the split: the data's identity and the labels in index order)."""
+    import hashlib
+
+    with open(output_dir / PREDICTIONS_FILE, "w") as handle:
+        handle.write("index,label,predicted,p_label\n")
+        for index, label, predicted, p_label in rows.tolist():
+            handle.write(f"{int(index)},{int(label)},{int(predicted)},{p_label:.6g}\n")
+    identity = json.dumps(getattr(images, "dataset_id", None), sort_keys=True, default=str)
+    digest = hashlib.sha256(identity.encode() + rows[:, 1].long().numpy().tobytes()).hexdigest()[:16]
+    return {"predictions": PREDICTIONS_FILE, "test_split_id": digest, "test_samples": len(rows)}
 
 
 def finish_tracker_runs(loggers: list) -> None:
@@ -149,6 +168,7 @@ def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val, last_
         else last_val
     metrics = {
         "strategy": module.strategy.name,
+        "seed": cfg.get("seed"),
         "backbone": module.backbone_name,
         "data": cfg.data._target_.rsplit(".", 1)[-1],
         "val_acc": float(best_val) if best_val is not None else None,

@@ -34,8 +34,10 @@ def fake_samples(count: int, seed: int, split: str, native_size: int, num_classe
 
 
 class FakeDataModule(TensorImageDataModule):
-    def __init__(self, num_samples: int = 256, num_classes: int = 10, native_size: int = 32, **kwargs):
+    def __init__(self, num_samples: int = 256, num_classes: int = 10, native_size: int = 32, split_seed: int = 0,
+                 **kwargs):
         self._num_samples, self._num_classes, self.native_size = int(num_samples), int(num_classes), int(native_size)
+        self.split_seed = int(split_seed)  # the samples; the training seed (seed) varies only the training
         super().__init__(**kwargs)
 
     @property
@@ -45,9 +47,10 @@ class FakeDataModule(TensorImageDataModule):
     @property
     def dataset_id(self) -> dict:
         return {"name": "fake", "generator": f"torch.randint blocks of {BLOCK}", "num_samples": self._num_samples,
-                "num_classes": self._num_classes, "native_size": self.native_size, "seed": self.seed}
+                "num_classes": self._num_classes, "native_size": self.native_size,
+                "split_seed": self.split_seed}
 
     def load_splits(self):
         sizes = {"train": self._num_samples, "val": max(self._num_samples // 4, 1), "test": max(self._num_samples // 4, 1)}
-        return {split: fake_samples(size, self.seed, split, self.native_size, self._num_classes)
+        return {split: fake_samples(size, self.split_seed, split, self.native_size, self._num_classes)
                 for split, size in sizes.items()}

@@ -1,0 +1,1 @@
+"""finetune's Hydra launcher plugin: hydra/launcher=local_processes."""
