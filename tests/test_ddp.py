@@ -108,6 +108,10 @@ def test_ddp_cached_with_node_local_caches_builds_what_each_node_lacks_and_evalu
                        enable_model_summary=False).test(module, datamodule=images, verbose=False)[0]
     assert metrics["test_loss"] == pytest.approx(single["test/loss"], rel=1e-5)
     assert metrics["test_acc"] == pytest.approx(single["test/acc"], abs=1e-6)
+    # predictions.csv gathers both ranks' test samples: each index once, in order, agreeing with the accuracy
+    rows = (tmp_path / "ddp" / "predictions.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == list(range(17))
+    assert sum(row.split(",")[1] == row.split(",")[2] for row in rows) / 17 == pytest.approx(metrics["test_acc"])
 
     for rank in (0, 1):  # channels_last (on a GPU) is applied in setup, which runs before DDP wraps the model
         assert json.loads((tmp_path / "ddp" / f"wrapping_rank{rank}.json").read_text()) == {
