@@ -12,6 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from finetune.callbacks.freeze_audit import FreezeViolationError
 from finetune.errors import ConfigError
+from finetune.names import under_any as under
 from finetune.strategies.gradual import GradualUnfreezing, parse_phases
 from finetune.train import train
 from tests.conftest import TINY, compose_config, fit
@@ -23,7 +24,6 @@ PHASES = ("strategy.phases=[{name:head,epochs:1,train:[head],lr:0.01},{name:top,
           "{name:all,epochs:null,train:[all],lr_mult:{backbone:0.5}}]")
 GRADUAL = ["strategy=gradual", PHASES, "trainer.max_epochs=4", "optimizer.lr=1e-3"]
 TOP = ("backbone.blocks.4", "backbone.conv_head", "backbone.bn2", "backbone.blocks.3")
-under = lambda name, prefixes: any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 class Recorder(L.Callback):
@@ -103,6 +103,37 @@ def test_layer_decay_gives_each_timm_layer_its_own_named_group_with_a_real_lr(tm
     assert {"lr/head", "lr/blocks.0.0", "lr/conv_stem"} <= set(header), "the LR monitor logs groups by name"
     with pytest.raises(ConfigError, match="optimizer.lr_mult entry 'nope' names no submodule of the backbone"):
         fit(compose_config(tmp_path, [*TINY, "strategy=full", "optimizer.lr_mult={nope:2.0}", "++trainer.max_steps=1"]))
+
+
+def test_lr_mult_head_is_the_classifier_head_never_a_backbone_part_named_head(tmp_path):
+    """ConvNeXt keeps its final norm at backbone.head.norm: `head` in optimizer.lr_mult and in a phase's lr_mult is
+    the classifier head only; the backbone's head.norm takes the backbone's multiplier (or its own, by name)."""
+    convnext = ["backbone.name=test_convnext", "strategy=full", "optimizer.lr=1e-3", "scheduler=constant",
+                "++trainer.max_steps=1"]
+    _, module, _ = fit(compose_config(tmp_path, [*TINY, *convnext, "optimizer.lr_mult={head:1.0,backbone:0.1}"]))
+    lr_of = {id(p): g["lr"] for g in module.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert lr_of[id(module.backbone.head.norm.weight)] == pytest.approx(1e-4), "the backbone's own head.norm"
+    assert lr_of[id(module.head[-1].weight)] == pytest.approx(1e-3)
+    _, module, _ = fit(compose_config(tmp_path, [*TINY, *convnext, "optimizer.lr_mult={head.norm:0.5,backbone:0.1}"]))
+    lr_of = {id(p): g["lr"] for g in module.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert lr_of[id(module.backbone.head.norm.weight)] == pytest.approx(5e-4), "named as a backbone part"
+    from finetune.optim import param_groups
+
+    named = list(module.named_parameters())
+    _, phase_mults = param_groups(module, named, 1e-3, 0.0, phase_lr_mults=[{"head": 2.0, "backbone": 0.5}])
+    groups, _ = param_groups(module, named, 1e-3, 0.0, phase_lr_mults=[{"head": 2.0, "backbone": 0.5}])
+    mult_of = {id(p): mults[0] for g, mults in zip(groups, phase_mults) for p in g["params"]}
+    assert mult_of[id(module.backbone.head.norm.weight)] == 0.5 and mult_of[id(module.head[-1].weight)] == 2.0
+
+
+def test_position_embeddings_and_tokens_get_no_weight_decay(tmp_path):
+    """timm's ViT names what must not decay (no_weight_decay(): pos_embed, cls_token); ndim > 1 alone would decay
+    them."""
+    _, module, _ = fit(compose_config(tmp_path, [*TINY, "backbone.name=test_vit", "strategy=full",
+                                                 "optimizer.weight_decay=0.05", "++trainer.max_steps=1"]))
+    decay_of = {id(p): g["weight_decay"] for g in module.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert decay_of[id(module.backbone.pos_embed)] == 0.0 and decay_of[id(module.backbone.cls_token)] == 0.0
+    assert decay_of[id(module.backbone.blocks[0].attn.qkv.weight)] == 0.05 and decay_of[id(module.head[-1].weight)] == 0.05
 
 
 @pytest.mark.parametrize("train_bn,freeze_bn_stats", [(False, False), (True, False), (False, True)])

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import Backbone
 from finetune.errors import ConfigError
+from finetune.names import under_any
 from finetune.optim import constant, param_groups, phased_schedule
 from finetune.rng import rng_states, set_rng_states
 from finetune.strategies import FreezingStrategy
@@ -251,7 +252,6 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 def resume_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
     """(key, checkpoint's value, this run's value) for every resume-relevant key that differs."""
     saved, current = flatten(saved), flatten(current)
-    under = lambda key, prefixes: any(key == p or key.startswith(p + ".") for p in prefixes)
     keys = sorted(k for k in saved.keys() | current.keys()
-                  if under(k, RESUME_MUST_MATCH) and not under(k, RESUME_MAY_DIFFER))
+                  if under_any(k, RESUME_MUST_MATCH) and not under_any(k, RESUME_MAY_DIFFER))
     return [(k, saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)]

@@ -17,6 +17,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from finetune.errors import ConfigError
+from finetune.names import part_for, relative_name, under_any
 
 
 class WarmupCosine:
@@ -71,16 +72,6 @@ def _common_name(names: list[str]) -> str:
     return "+".join(parts)
 
 
-def longest_prefix(name: str, prefixes: Iterable[str]) -> str | None:
-    matches = [p for p in prefixes if name == p or name.startswith(p + ".")]
-    return max(matches, key=len) if matches else None
-
-
-def relative_name(name: str) -> str:
-    """A module-level parameter name as the configs write parts: `backbone.blocks.6.x` -> `blocks.6.x`."""
-    return name[len("backbone."):] if name.startswith("backbone.") else name
-
-
 def check_part_names(module: nn.Module, names: Iterable[str], key: str, extra: Sequence[str] = ("head",)) -> None:
     """Every name is `head` (or another of `extra`), `backbone`, or a backbone submodule; one line otherwise."""
     for name in names:
@@ -108,7 +99,8 @@ def param_groups(module: nn.Module, named: list[tuple[str, nn.Parameter]], lr: f
     A parameter's lr is `lr` x its layer-decay factor (`layer_decay ** (layers - layer)`, the head being the top
     layer) or, where `lr_mult` names a part holding it, that multiplier instead. Phase multipliers (a staged
     strategy's per-phase `lr_mult`) stay out of the group's lr and go to the scheduler, which applies them per phase.
-    Biases and norm weights (1-D) get no weight decay, in groups of their own (`<part>/no_decay`)."""
+    Biases and norm weights (1-D), and what the backbone's `no_weight_decay()` names (timm: position embeddings and
+    tokens), get no weight decay, in groups of their own (`<part>/no_decay`)."""
     lr_mult = dict(lr_mult or {})
     check_part_names(module, lr_mult, "optimizer.lr_mult")
     for mults in phase_lr_mults:
@@ -117,11 +109,13 @@ def param_groups(module: nn.Module, named: list[tuple[str, nn.Parameter]], lr: f
         raise ConfigError(f"optimizer.layer_decay={layer_decay} must be in (0, 1]; null turns it off")
     layer_of, layer_names = backbone_layers(module.backbone) if layer_decay is not None else ({}, [])
     top = len(layer_names)  # the head's layer
+    # what the model says must not decay (timm: a ViT's pos_embed, cls_token), as timm's own param-group helpers do
+    no_decay = set(module.backbone.no_weight_decay()) if hasattr(module.backbone, "no_weight_decay") else set()
     groups: dict[tuple, dict] = {}
     for full_name, param in named:
         name = relative_name(full_name)
         in_backbone = full_name.startswith("backbone.")
-        prefix = longest_prefix(name, lr_mult) or (longest_prefix("backbone." + name, lr_mult) if in_backbone else None)
+        prefix = part_for(full_name, lr_mult)  # on full names: `head` is never the backbone's own head.*
         if prefix is not None:
             part, multiplier = prefix, float(lr_mult[prefix])
         elif in_backbone and name in layer_of:
@@ -129,11 +123,11 @@ def param_groups(module: nn.Module, named: list[tuple[str, nn.Parameter]], lr: f
             part, multiplier = layer_names[layer], float(layer_decay) ** (top - layer)
         else:
             part, multiplier = ("backbone" if in_backbone else "head"), 1.0
-        phase_mults = tuple(_phase_multiplier(name, in_backbone, mults) for mults in phase_lr_mults)
-        phase_part = max((longest_prefix(name, m) or "" for m in phase_lr_mults), key=len)
+        phase_mults = tuple(_phase_multiplier(full_name, mults) for mults in phase_lr_mults)
+        phase_part = max((part_for(full_name, m) or "" for m in phase_lr_mults), key=len)
         if len(phase_part) > len(part):
             part = phase_part  # a phase sets this part's lr apart: name the group after it
-        decay = param.ndim > 1 and weight_decay > 0
+        decay = param.ndim > 1 and weight_decay > 0 and not (in_backbone and under_any(name, no_decay))
         key = (part, multiplier, phase_mults, decay)
         if key not in groups:
             groups[key] = {"params": [], "lr": lr * multiplier, "weight_decay": weight_decay if decay else 0.0,
@@ -143,11 +137,9 @@ def param_groups(module: nn.Module, named: list[tuple[str, nn.Parameter]], lr: f
     return list(groups.values()), [list(key[2]) for key in groups]
 
 
-def _phase_multiplier(name: str, in_backbone: bool, mults: dict[str, float]) -> float:
-    prefix = longest_prefix(name, mults)
-    if prefix is None and in_backbone and "backbone" in mults:
-        prefix = "backbone"
-    return float(mults[prefix]) if prefix is not None else 1.0
+def _phase_multiplier(full_name: str, mults: dict[str, float]) -> float:
+    part = part_for(full_name, mults)
+    return float(mults[part]) if part is not None else 1.0
 
 
 def _unique_names(groups: list[dict]) -> None:

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from finetune.names import under_any
+
 if TYPE_CHECKING:
     from lightning import LightningDataModule
 
@@ -119,7 +121,7 @@ def names_under(module: FinetuneModule, prefixes: list[str], *, parameters: bool
         named += [n for n, _ in module.named_parameters()]
     if buffers:
         named += [n for n, _ in module.named_buffers()]
-    return {n for n in named if any(n == p or n.startswith(p + ".") for p in prefixes)}
+    return {n for n in named if under_any(n, prefixes)}
 
 
 def batchnorm_tensors(module: nn.Module, parameters: bool = True) -> set[str]:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from finetune.errors import ConfigError
+from finetune.names import is_under, module_path, nested, under_any
 from finetune.optim import backbone_layers, check_part_names
 from finetune.strategies.base import FreezingStrategy, Phase, batchnorm_tensors, phase_field_names
 from finetune.strategies.cached import CachedFeatures
@@ -62,17 +63,13 @@ def parse_phases(phases: list[dict], key: str = "strategy.phases") -> list[Phase
     return parsed
 
 
-def _nested(a: str, b: str) -> bool:
-    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
-
-
 def _refuse_overlaps(resolved: list[list[tuple[str, list[str]]]], key: str = "strategy.phases") -> None:
     """resolved[k]: (entry as written, the module-level roots it unfreezes) per train entry of phase k."""
     seen: list[tuple[int, str, list[str]]] = []
     for k, entries in enumerate(resolved):
         for entry, roots in entries:
             for earlier_k, earlier, earlier_roots in seen:
-                if earlier == "all" or (entry != "all" and any(_nested(a, b) for a in roots for b in earlier_roots)):
+                if earlier == "all" or (entry != "all" and any(nested(a, b) for a in roots for b in earlier_roots)):
                     raise ConfigError(f"{key}[{k}].train entry {entry!r} overlaps {earlier!r} (phase {earlier_k}): "
                                       f"each part unfreezes once and stays unfrozen; list only what unfreezes then, "
                                       f"and `all` last, for whatever is left")
@@ -90,9 +87,9 @@ def top_layers(backbone: nn.Module, count: int) -> list[list[str]]:
         # drop-path train with it), else the parameter itself
         parts = name.split(".")
         owner = next((".".join(parts[:i]) for i in range(1, len(parts))
-                      if all(layer_of.get(n) == layer for n in layer_of if n.startswith(".".join(parts[:i]) + "."))),
+                      if all(layer_of.get(n) == layer for n in layer_of if is_under(n, ".".join(parts[:i])))),
                      name)
-        if not any(owner == o or owner.startswith(o + ".") for o in layers.setdefault(layer, [])):
+        if not under_any(owner, layers.setdefault(layer, [])):
             layers[layer].append(owner)
     return [layers[k] for k in sorted(layers, reverse=True)[:count]]
 
@@ -148,10 +145,9 @@ class GradualUnfreezing(FreezingStrategy):
         return [root for entries in self._resolved[:index + 1] for _, roots in entries for root in roots]
 
     def _trainable_in(self, module, index: int) -> set[str]:
-        roots, kept = self._roots(index), [f"backbone.{p}" for p in self.keep_frozen]
-        under = lambda name, prefixes: any(name == p or name.startswith(p + ".") for p in prefixes)
+        roots, kept = self._roots(index), [module_path(p) for p in self.keep_frozen]
         names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
-        trainable = {n for n in names if under(n, roots) and not under(n, kept)}
+        trainable = {n for n in names if under_any(n, roots) and not under_any(n, kept)}
         if self.train_bn:  # BatchNorm of frozen parts trains in every phase, as with strategy=freeze train_bn=true
             trainable |= batchnorm_tensors(module)
         if self.freeze_bn_stats:  # every BatchNorm normalises with its pretrained statistics, which never move
@@ -222,8 +218,8 @@ class GradualUnfreezing(FreezingStrategy):
             frozen = self.frozen_names(module)
             training_bn = batchnorm_tensors(module) if self.train_bn else set()
             roots = self._roots(self.current_phase)
-            inside = lambda name: any(name == r or name.startswith(r + ".") for r in roots) \
-                and not any(name == f"backbone.{p}" or name.startswith(f"backbone.{p}.") for p in self.keep_frozen)
+            kept = [module_path(p) for p in self.keep_frozen]
+            inside = lambda name: under_any(name, roots) and not under_any(name, kept)
             modes = []
             for mn, m in module.named_modules():
                 if self.freeze_bn_stats and isinstance(m, _BatchNorm):
