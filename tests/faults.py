@@ -149,3 +149,64 @@ def counting_torchvision(log: str, **kwargs):
             super().prepare_data()
 
     return CountingTorchvision(**kwargs)
+
+
+class SwappedBatchNorm(torch.nn.BatchNorm2d):
+    """What SyncBatchNorm is to the model: a new module in a BatchNorm's place, holding the same parameters."""
+
+
+def swap_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Every BatchNorm2d replaced as torch.nn.SyncBatchNorm.convert_sync_batchnorm replaces it: a new module, the same
+    Parameter objects, the buffers copied, the training flag carried over."""
+    if isinstance(module, torch.nn.BatchNorm2d) and not isinstance(module, SwappedBatchNorm):
+        swapped = SwappedBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats)
+        if module.affine:
+            swapped.weight, swapped.bias = module.weight, module.bias
+        swapped.running_mean, swapped.running_var = module.running_mean, module.running_var
+        swapped.num_batches_tracked = module.num_batches_tracked
+        swapped.training = module.training
+        for name, child in module.named_children():  # as torch's conversion keeps them (timm's act, drop)
+            swapped.add_module(name, swap_batchnorm(child))
+        return swapped
+    for name, child in module.named_children():
+        module.add_module(name, swap_batchnorm(child))
+    return module
+
+
+class BatchNormSwappingStrategy(L.pytorch.strategies.SingleDeviceStrategy):
+    """trainer.sync_batchnorm=true under DDP, in one CPU process: Lightning's DDP strategies apply their layer sync in
+    setup(), after the LightningModule (and so the freezing strategy's prepare()) exists; this one swaps every
+    BatchNorm there, and reports two processes so that the strategies take their DDP path (a staged one re-enters
+    its first phase at train start); the data loaders then give it rank 0's half."""
+
+    @property
+    def world_size(self) -> int:
+        return 2
+
+    @world_size.setter
+    def world_size(self, value: int) -> None:  # Lightning's base class assigns it
+        pass
+
+    def setup(self, trainer) -> None:
+        self.model = swap_batchnorm(self.model)
+        super().setup(trainer)
+
+
+class RecordBatchNormModes(L.Callback):
+    """At every training step: [epoch, the backbone's (swapped) BatchNorm modules in train mode]; written at each
+    epoch's end to <output_dir>/bn_training.json."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir, self.training = output_dir, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        swapped = {n: m.training for n, m in module.named_modules() if isinstance(m, SwappedBatchNorm)}
+        assert swapped, "the BatchNorm modules were swapped"
+        self.training.append([trainer.current_epoch,
+                              sorted(n for n, training in swapped.items() if training and n.startswith("backbone."))])
+
+    def on_train_epoch_end(self, trainer, module):
+        import json
+
+        Path(self.output_dir, "bn_training.json").write_text(json.dumps(self.training))

@@ -96,3 +96,17 @@ def test_the_store_decoded_on_the_gpu_trains_and_its_eval_pixels_match_pil(tmp_p
     metrics = train(compose_config(tmp_path / "run", on_gpu))
     assert metrics["images_decoded"] == 0 and metrics["device"].startswith("cuda")
     assert json.loads((tmp_path / "run" / "param_audit.json").read_text())["violations"] == []
+
+
+@pytest.mark.parametrize("strategy", ["gradual", "freeze"])
+def test_sync_batchnorm_under_ddp_keeps_frozen_batchnorm_frozen(tmp_path, strategy):
+    """trainer.sync_batchnorm=true: Lightning swaps every BatchNorm for a SyncBatchNorm after the strategy prepared
+    the model; the frozen ones must still be in eval and unchanged (the audit checks; tests/test_staged.py simulates
+    the swap on the CPU)."""
+    from tests.test_staged import GRADUAL
+
+    chosen = GRADUAL if strategy == "gradual" else ["strategy=freeze"]
+    cfg = compose_config(tmp_path, [*ON_GPU, *chosen, "trainer.strategy=ddp", "+trainer.sync_batchnorm=true"])
+    trainer, module, _ = fit(cfg)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules()), "Lightning converted them"
+    assert json.loads((tmp_path / "param_audit.json").read_text())["violations"] == []

@@ -136,6 +136,22 @@ def test_position_embeddings_and_tokens_get_no_weight_decay(tmp_path):
     assert decay_of[id(module.backbone.blocks[0].attn.qkv.weight)] == 0.05 and decay_of[id(module.head[-1].weight)] == 0.05
 
 
+@pytest.mark.parametrize("strategy", [GRADUAL, ["strategy=freeze"]], ids=["gradual", "freeze"])
+def test_frozen_batchnorm_stays_in_eval_after_lightning_swaps_the_modules(tmp_path, strategy):
+    """trainer.sync_batchnorm=true replaces every BatchNorm after the strategy's prepare(); a strategy that held the
+    old module objects put only those back into eval, and the new, frozen ones trained (review #2). Simulated on the
+    CPU by a strategy that swaps the modules where Lightning's layer sync does."""
+    cfg = compose_config(tmp_path, [*TINY, *strategy, "++trainer.max_steps=4",
+                                    "+trainer.strategy._target_=tests.faults.BatchNormSwappingStrategy",
+                                    "+trainer.strategy.device=cpu", "+callbacks.bn._target_=tests.faults.RecordBatchNormModes",
+                                    f"+callbacks.bn.output_dir={tmp_path}"])
+    _, module, _ = fit(cfg)
+    training = json.loads((tmp_path / "bn_training.json").read_text())  # 2 steps an epoch on rank 0's half
+    first_phase = [names for epoch, names in training if epoch == 0]
+    assert len(first_phase) == 2 and first_phase == [[], []], f"frozen BatchNorm in train mode: {first_phase}"
+    assert json.loads((tmp_path / "param_audit.json").read_text())["violations"] == []
+
+
 @pytest.mark.parametrize("train_bn,freeze_bn_stats", [(False, False), (True, False), (False, True)])
 def test_each_phase_trains_its_parts_with_frozen_batchnorm_in_eval_and_the_audit_proves_it(tmp_path, train_bn,
                                                                                           freeze_bn_stats):

@@ -81,7 +81,9 @@ class FreezingStrategy:
 
     def eval_modules(self, module: FinetuneModule) -> list[nn.Module]:
         """Every module that stays in eval mode for the whole fit, whatever Lightning switches (containers and their
-        children listed one by one, so a strategy can keep some children, e.g. BatchNorm, training)."""
+        children listed one by one, so a strategy can keep some children, e.g. BatchNorm, training). Looked up in
+        `module` at each call (a strategy may cache names, never module objects: Lightning swaps modules after
+        prepare(), e.g. every BatchNorm for a SyncBatchNorm)."""
         return []
 
     def trainable_parameters(self, module: FinetuneModule) -> list[tuple[str, nn.Parameter]]:

@@ -111,7 +111,9 @@ class GradualUnfreezing(FreezingStrategy):
                       "extract_batch_size": int(extract_batch_size), "device_max_bytes": int(device_max_bytes),
                       "shard_rows": shard_rows}
         self.current_phase = 0
-        self._modes: dict[int, list[nn.Module]] = {}
+        # per phase, the NAMES of the modules kept in eval: Lightning replaces modules after prepare() (every
+        # BatchNorm by a new SyncBatchNorm with trainer.sync_batchnorm=true), so objects held from then go stale
+        self._modes: dict[int, list[str]] = {}
 
     def phases(self) -> list[Phase]:
         return self.phase_list
@@ -223,15 +225,16 @@ class GradualUnfreezing(FreezingStrategy):
             modes = []
             for mn, m in module.named_modules():
                 if self.freeze_bn_stats and isinstance(m, _BatchNorm):
-                    modes.append(m)
+                    modes.append(mn)
                     continue
                 if not mn or inside(mn) or (self.train_bn and isinstance(m, _BatchNorm)):
                     continue
                 tensors = [f"{mn}.{n}" for n, _ in [*m.named_parameters(), *m.named_buffers()]]
                 if all(t in frozen or t in training_bn for t in tensors):
-                    modes.append(m)
+                    modes.append(mn)
             self._modes[self.current_phase] = modes
-        return self._modes[self.current_phase]
+        named = dict(module.named_modules())
+        return [named[name] for name in self._modes[self.current_phase] if name in named]
 
     def phase_alone(self, index: int) -> GradualUnfreezing:
         """Phase `index` as a strategy of its own, from the first step, with what earlier phases unfroze trainable
