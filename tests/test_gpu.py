@@ -106,7 +106,7 @@ def test_sync_batchnorm_under_ddp_keeps_frozen_batchnorm_frozen(tmp_path, strate
     from tests.test_staged import GRADUAL
 
     chosen = GRADUAL if strategy == "gradual" else ["strategy=freeze"]
-    cfg = compose_config(tmp_path, [*ON_GPU, *chosen, "trainer.strategy=ddp", "+trainer.sync_batchnorm=true"])
+    cfg = compose_config(tmp_path, [*ON_GPU, *chosen, "+trainer.strategy=ddp", "+trainer.sync_batchnorm=true"])
     trainer, module, _ = fit(cfg)
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules()), "Lightning converted them"
     assert json.loads((tmp_path / "param_audit.json").read_text())["violations"] == []
