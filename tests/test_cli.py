@@ -78,7 +78,7 @@ def test_fast_dev_run_from_the_command_line(tmp_path, strategy):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test accuracy" in result.stdout and f"run directory: {run_dir}" in result.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics) >= {"strategy", "backbone", "data", "val_acc", "test_acc", "fit_seconds",
+    assert set(metrics) >= {"strategy", "backbone", "data", "best_val_acc", "test_acc", "fit_seconds",
                             "train_samples_per_second", "peak_memory_mb", "trainable_params", "total_params",
                             "epochs"}
     assert metrics["strategy"] == strategy

@@ -64,3 +64,26 @@ def test_the_resolved_config_reaches_csv_and_tensorboard(tiny, tmp_path):
     assert logged["optimizer/lr"].number_value == 0.005
     assert logged["strategy/_target_"].string_value == "finetune.strategies.FreezeBackbone"
     assert logged["backbone/name"].string_value == "test_efficientnet"
+
+
+def test_metrics_json_names_what_it_stores_whatever_the_checkpoint_monitors(tmp_path):
+    """callbacks.model_checkpoint.monitor=val/loss: best_val_acc is still the best logged val/acc (it held the
+    monitored loss before, and optimized_metric=val/acc maximised that loss), the monitor and its best score stand
+    beside it (review #3)."""
+    import json
+
+    from finetune.train import OPTIMIZABLE, objective, train
+    from tests.conftest import TINY, compose_config
+
+    cfg = compose_config(tmp_path, [*TINY, "strategy=freeze", "trainer.max_epochs=3",
+                                    "callbacks.model_checkpoint.monitor=val/loss",
+                                    "callbacks.model_checkpoint.mode=min"])
+    metrics = train(cfg)
+    with open(next(tmp_path.glob("**/metrics.csv")), newline="") as handle:
+        logged = [record for record in csv.DictReader(handle) if record.get("val/acc")]
+    assert len(logged) == 3
+    assert metrics["best_val_acc"] == pytest.approx(max(float(r["val/acc"]) for r in logged))
+    assert metrics["best_val_loss"] == pytest.approx(min(float(r["val/loss"]) for r in logged), rel=1e-6)
+    assert metrics["monitor"] == "val/loss" and metrics["best_score"] == pytest.approx(metrics["best_val_loss"])
+    assert json.loads((tmp_path / "metrics.json").read_text())["best_val_acc"] == metrics["best_val_acc"]
+    assert OPTIMIZABLE["val/acc"] == "best_val_acc" and objective(cfg, metrics) == metrics["best_val_acc"]

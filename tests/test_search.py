@@ -39,9 +39,9 @@ def test_a_search_extracts_once_records_the_diverged_trial_and_writes_the_best(t
     hits = [finished[name]["cache_hit"] for name in sorted(finished, key=int)]
     assert hits == [False] * ("0" in finished) + [True] * (len(finished) - ("0" in finished))
     best = json.loads((sweep_dir / "best.json").read_text())
-    top = max(finished.values(), key=lambda m: m["val_acc"])
-    assert best["best_value"] == pytest.approx(top["val_acc"]) and best["optimized_metric"] == "val/acc"
-    assert best["best_val_acc"] == pytest.approx(top["val_acc"])
+    top = max(finished.values(), key=lambda m: m["best_val_acc"])
+    assert best["best_value"] == pytest.approx(top["best_val_acc"]) and best["optimized_metric"] == "val/acc"
+    assert best["best_val_acc"] == pytest.approx(top["best_val_acc"])
     assert set(best["best_params"]) == {"optimizer.lr", "optimizer.weight_decay", "head", "head.dropout",
                                         "trainer.max_epochs"}
     assert [f["job"] for f in best["failed"]] == failed and best["trials"] == TRIALS

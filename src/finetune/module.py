@@ -60,6 +60,7 @@ class FinetuneModule(LightningModule):
         # the test split per sample (index, label, predicted class, probability of the label), gathered from every
         # rank: what finetune-compare pairs runs on (predictions.csv beside metrics.json)
         self.test_predictions = CatMetric(nan_strategy="disable").set_dtype(torch.float64)
+        self.best_val: dict[str, float] = {}  # kept in checkpoints: a resumed run knows its earlier best
         strategy.prepare(self)
 
     # -- modes ---------------------------------------------------------------------------------------------------
@@ -96,15 +97,16 @@ class FinetuneModule(LightningModule):
         self.mean_loss[f"{stage}_"].update(loss.detach().expand(len(targets)))
         return loss, logits
 
-    def _log_epoch(self, stage: str) -> None:
-        """Epoch metrics, synchronised across DDP ranks by torchmetrics' compute()."""
+    def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
+        """Epoch metrics, synchronised across DDP ranks by torchmetrics' compute(); returns what it logged."""
         accuracy, mean_loss = self.accuracy[f"{stage}_"], self.mean_loss[f"{stage}_"]
         if not accuracy.update_called:
-            return
-        self.log_dict({f"{stage}/acc": accuracy.compute(), f"{stage}/loss": mean_loss.compute()},
-                      prog_bar=stage != "test")
+            return {}
+        logged = {"acc": accuracy.compute(), "loss": mean_loss.compute()}
+        self.log_dict({f"{stage}/{name}": value for name, value in logged.items()}, prog_bar=stage != "test")
         accuracy.reset()
         mean_loss.reset()
+        return logged
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self._step(batch, "train")
@@ -134,7 +136,12 @@ class FinetuneModule(LightningModule):
         self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
+        logged = self._log_epoch("val")
+        if logged and not self.trainer.sanity_checking:
+            # the best of the logged val/acc and val/loss (on every rank: compute() synchronised them), whatever the
+            # checkpoint callback monitors: metrics.json's best_val_acc and best_val_loss
+            self.best_val = {"acc": max(self.best_val.get("acc", -math.inf), float(logged["acc"])),
+                             "loss": min(self.best_val.get("loss", math.inf), float(logged["loss"]))}
 
     def on_test_epoch_start(self) -> None:
         self.test_predictions.reset()
@@ -198,11 +205,12 @@ class FinetuneModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["finetune"] = {"strategy": self.strategy.name, "config": self.run_config,
                                   "class_names": self.class_names, "preprocessing": self.preprocessing,
-                                  "rng": rng_states()}
+                                  "rng": rng_states(), "best_val": self.best_val}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # taken up just before the first resumed step (on_train_batch_start), where the uninterrupted run was
         self._rng_to_restore = checkpoint.get("finetune", {}).get("rng")
+        self.best_val = dict(checkpoint.get("finetune", {}).get("best_val") or {})
         saved = checkpoint.get("finetune", {}).get("strategy")
         if saved is not None and saved != self.strategy.name:
             raise ConfigError(f"checkpoint was trained with strategy={saved}, this run uses "

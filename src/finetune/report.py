@@ -16,7 +16,7 @@ COLUMNS = [  # (key of a strategy's row: metrics.json's, averaged over seeds, or
     ("test_acc_interval", "95% interval", "{}"),
     ("p_holm", "p vs best", "{:.3g}"),
     ("seeds", "seeds", "{}"),
-    ("val_acc", "val acc", "{:.4f}"),
+    ("best_val_acc", "best val acc", "{:.4f}"),
     ("fit_seconds", "fit s", "{:.1f}"),
     ("train_samples_per_second", "train samples/s", "{:,.0f}"),
     ("peak_memory_mb", "peak memory MB", "{:,.0f}"),

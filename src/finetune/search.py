@@ -39,7 +39,7 @@ def summarise_search(sweep_dir: Path, optimized_metric: str, direction: str) -> 
     best_metrics = json.loads((best_dir / "metrics.json").read_text()) if best_dir else {}
     summary = {"optimized_metric": optimized_metric, "direction": direction, "best_value": results["best_value"],
                "best_params": best_params, "best_run": str(best_dir) if best_dir else None,
-               "best_val_acc": best_metrics.get("val_acc"), "best_test_acc": best_metrics.get("test_acc"),
+               "best_val_acc": best_metrics.get("best_val_acc"), "best_test_acc": best_metrics.get("test_acc"),
                "best_checkpoint": best_metrics.get("best_checkpoint"), "trials": len(trials),
                "failed": failed}
     (sweep_dir / "best.json").write_text(json.dumps(summary, indent=1))

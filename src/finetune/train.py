@@ -106,13 +106,12 @@ def train(cfg: DictConfig) -> dict:
     try:
         with ddp_ranks_join_this_job(trainer):
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-            last_val, last_val_loss = (trainer.callback_metrics.get(f"val/{name}") for name in ("acc", "loss"))
+            last_val = trainer.callback_metrics.get("val/acc")
             tested = trainer.test(module, datamodule=datamodule, ckpt_path=_best_or_current(trainer), verbose=False)
             predictions = module.test_prediction_rows() if tested else None  # every rank: it gathers
     finally:
         finish_tracker_runs(trainer.loggers)
-    metrics = _run_metrics(cfg, trainer, module, datamodule, tested[0] if tested else {}, last_val,
-                           last_val_loss)
+    metrics = _run_metrics(cfg, trainer, module, datamodule, tested[0] if tested else {}, last_val)
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
         # what the strategy keeps of the tested weights (trainer.test loaded them): the peft strategies' adapter
@@ -120,8 +119,8 @@ def train(cfg: DictConfig) -> dict:
         if predictions is not None:
             metrics.update(write_predictions(predictions, output_dir, getattr(datamodule, "images", datamodule)))
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        val = float("nan") if metrics["val_acc"] is None else metrics["val_acc"]
-        print(f"test accuracy {metrics['test_acc']:.4f} (val {val:.4f}, "
+        val = float("nan") if metrics["best_val_acc"] is None else metrics["best_val_acc"]
+        print(f"test accuracy {metrics['test_acc']:.4f} (best val {val:.4f}, "
               f"strategy={metrics['strategy']}, {metrics['fit_seconds']:.1f}s fit)\nrun directory: {output_dir}")
     return metrics
 
@@ -158,21 +157,25 @@ def _best_or_current(trainer: L.Trainer) -> str | None:
     return checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
 
 
-def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val, last_val_loss) -> dict:
+def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val) -> dict:
     meter = next((c for c in trainer.callbacks if isinstance(c, RunMeter)), RunMeter())
     images = getattr(datamodule, "images", datamodule)
     checkpoint = trainer.checkpoint_callback
     trainable = sum(p.numel() for _, p in module.strategy.trainable_parameters(module))
     total = sum(p.numel() for p in module.parameters())
-    best_val = checkpoint.best_model_score if checkpoint is not None and checkpoint.best_model_score is not None \
-        else last_val
     metrics = {
         "strategy": module.strategy.name,
         "seed": cfg.get("seed"),
         "backbone": module.backbone_name,
         "data": cfg.data._target_.rsplit(".", 1)[-1],
-        "val_acc": float(best_val) if best_val is not None else None,
-        "val_loss": float(last_val_loss) if last_val_loss is not None else None,  # the last epoch's
+        # the best of the logged val/acc and val/loss; the checkpoint callback's monitor and its best score beside
+        # them (the tested checkpoint is the monitor's best)
+        "best_val_acc": module.best_val.get("acc"),
+        "best_val_loss": module.best_val.get("loss"),
+        "last_val_acc": float(last_val) if last_val is not None else None,
+        "monitor": getattr(checkpoint, "monitor", None),
+        "best_score": float(checkpoint.best_model_score) if getattr(checkpoint, "best_model_score", None) is not None
+        else None,
         "test_acc": float(tested.get("test/acc", float("nan"))),
         "test_loss": float(tested.get("test/loss", float("nan"))),
         "fit_seconds": round(meter.fit_seconds, 3),
@@ -211,7 +214,8 @@ def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val, last_
 
 
 # what optimized_metric may name, and where metrics.json keeps it
-OPTIMIZABLE = {"val/acc": "val_acc", "val/loss": "val_loss", "test/acc": "test_acc", "test/loss": "test_loss"}
+OPTIMIZABLE = {"val/acc": "best_val_acc", "val/loss": "best_val_loss", "test/acc": "test_acc",
+               "test/loss": "test_loss"}
 
 
 def objective(cfg: DictConfig, metrics: dict | None = None) -> float | None:
