@@ -26,6 +26,7 @@ def test_resuming_with_another_strategy_is_refused_clearly(tmp_path):
     (["optimizer.lr=0.001"], "optimizer.lr=0.001 (checkpoint: 0.01)"),
     (["head=mlp"], "head._target_=finetune.heads.MLPHead (checkpoint: finetune.heads.LinearHead)"),
     (["trainer.max_epochs=5"], "trainer.max_epochs=5 (checkpoint: 2)"),
+    (["+trainer.limit_train_batches=2"], "trainer.limit_train_batches=2 (checkpoint: null)"),
 ])
 def test_resuming_with_a_changed_config_names_what_differs_and_how_to_restore_it(tiny, change, named):
     from finetune.errors import ConfigError
@@ -40,6 +41,21 @@ def test_resuming_with_a_changed_config_names_what_differs_and_how_to_restore_it
     assert named in message and "\n" not in message
     restore = message.split("resume with the checkpoint's values (")[1].split(")")[0]
     assert all("=" in pair for pair in restore.split()), "ready to paste as overrides"
+
+
+def test_resuming_on_another_number_of_processes_is_refused_with_the_overrides_to_use(tmp_path):
+    """The steps per epoch, and with them the phase starts and each rank's data, depend on devices x nodes: a
+    checkpoint of a 2-process run resumed by one process is refused, naming trainer.devices=2 (review #5)."""
+    fit(compose_config(tmp_path / "a", [*TINY, "strategy=freeze", "trainer.max_epochs=1"]))
+    checkpoint = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["finetune"]["processes"] == {"devices": 1, "num_nodes": 1}
+    checkpoint["finetune"]["processes"] = {"devices": 2, "num_nodes": 1}  # as a trainer=ddp_cpu run writes it
+    torch.save(checkpoint, tmp_path / "two.ckpt")
+    resumed = run_main("finetune.train", *TINY, "strategy=freeze", "trainer.max_epochs=1",
+                       f"ckpt_path={tmp_path / 'two.ckpt'}", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1, resumed.stderr[-2000:]
+    assert "written by 2 process(es) (2 device(s) x 1 node(s)), this run has 1" in resumed.stderr
+    assert "resume with trainer.devices=2 trainer.num_nodes=1" in resumed.stderr
 
 
 def test_resuming_with_only_paths_loggers_or_workers_changed_is_allowed(tiny, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from lightning import LightningModule
@@ -14,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import Backbone
 from finetune.errors import ConfigError
-from finetune.names import under_any
+from finetune.resume import check_resume, processes
 from finetune.optim import constant, param_groups, phased_schedule
 from finetune.rng import rng_states, set_rng_states
 from finetune.strategies import FreezingStrategy
@@ -205,7 +204,8 @@ class FinetuneModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["finetune"] = {"strategy": self.strategy.name, "config": self.run_config,
                                   "class_names": self.class_names, "preprocessing": self.preprocessing,
-                                  "rng": rng_states(), "best_val": self.best_val}
+                                  "rng": rng_states(), "best_val": self.best_val,
+                                  "processes": processes(self._trainer) if self._trainer is not None else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # taken up just before the first resumed step (on_train_batch_start), where the uninterrupted run was
@@ -216,50 +216,5 @@ class FinetuneModule(LightningModule):
             raise ConfigError(f"checkpoint was trained with strategy={saved}, this run uses "
                               f"strategy={self.strategy.name}; resume with strategy={saved}, or start a new run "
                               f"from its weights instead of resuming")
-        saved_config = checkpoint.get("finetune", {}).get("config")
-        differences = resume_differences(saved_config, self.run_config) if saved_config and self.run_config else []
-        if differences:
-            listed = ", ".join(f"{key}={override_value(ours)} (checkpoint: {override_value(theirs)})"
-                               for key, theirs, ours in differences)
-            restore = " ".join(f"{key}={override_value(theirs)}" for key, theirs, _ in differences)
-            raise ConfigError(f"cannot resume: this run differs from the checkpoint in what its saved state depends on "
-                              f"(parameter groups, schedule length, data order): {listed}; resume with the "
-                              f"checkpoint's values ({restore}), or start a new run instead of resuming")
-
-
-# What a resumed optimizer, schedule and data order depend on; anything else (paths, loggers, callbacks, workers,
-# where pretrained weights came from) may change between a run and its resumption.
-RESUME_MUST_MATCH = ("strategy", "backbone", "head", "optimizer", "scheduler", "data", "seed", "trainer.max_epochs",
-                     "trainer.max_steps", "trainer.accumulate_grad_batches")
-RESUME_MAY_DIFFER = ("backbone.pretrained", "backbone.checkpoint_path", "data.num_workers", "data.eval_batch_size",
-                     "data.verify_images", "data.root", "data.store_dir", "strategy.cache_dir", "strategy.extract_batch_size",
-                     "strategy.device_max_bytes", "strategy.shard_rows")
-
-
-def override_value(value: Any) -> str:
-    """A value as a Hydra command-line override writes it."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(override_value(v) for v in value) + "]"
-    return str(value)
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def resume_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
-    """(key, checkpoint's value, this run's value) for every resume-relevant key that differs."""
-    saved, current = flatten(saved), flatten(current)
-    keys = sorted(k for k in saved.keys() | current.keys()
-                  if under_any(k, RESUME_MUST_MATCH) and not under_any(k, RESUME_MAY_DIFFER))
-    return [(k, saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)]
+        if self._trainer is None or self._trainer.state.fn == "fit":  # resuming, or loading outside a trainer
+            check_resume(checkpoint.get("finetune", {}), self.run_config, self._trainer)
