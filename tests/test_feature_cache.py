@@ -150,11 +150,27 @@ def test_another_extraction_mode_misses(tiny, monkeypatch):
     first = prepared(tiny("strategy=cached"), [])
     # what a GPU run does (bf16 autocast), here on the CPU: the same weights, other numbers
     monkeypatch.setattr(cached, "extraction_mode",
-                        lambda device: {"device": device.type, "autocast": "bfloat16", "channels_last": False})
+                        lambda device, precision=None: {"device": device.type, "autocast": "bfloat16",
+                                                        "channels_last": False})
     changed = prepared(tiny("strategy=cached"), [])
     assert changed.report["cache_hit"] is False
     assert changed.report["cache_keys"]["train"] != first.report["cache_keys"]["train"]
     assert not torch.equal(changed.features("train"), first.features("train"))
+
+
+def test_extraction_follows_the_runs_precision(tiny, monkeypatch):
+    """cached extracted under bf16 autocast on a GPU even with trainer.precision=32-true, while eval and predict ran
+    the backbone in fp32 (review #6): extraction now runs in the run's precision (here on the CPU, where
+    trainer.precision=bf16-mixed autocasts too), and the key says which."""
+    from finetune.data import cached
+
+    monkeypatch.setattr(cached, "auto_precision", lambda accelerator="auto": "bf16-mixed")  # what a GPU would pick
+    _, _, full = fit(tiny("strategy=cached", "trainer.max_epochs=1", "trainer.precision=32-true"))
+    _, _, half = fit(tiny("strategy=cached", "trainer.max_epochs=1", "trainer.precision=bf16-mixed"))
+    cpu = torch.device("cpu")
+    assert full.identity(cpu)["extraction"]["autocast"] is None, "32-true: fp32, whatever auto would pick"
+    assert half.identity(cpu)["extraction"]["autocast"] == "bfloat16"
+    assert half.report["cache_hit"] is False and half.report["cache_keys"]["train"] != full.report["cache_keys"]["train"]
 
 
 def test_other_library_versions_miss(tiny, monkeypatch):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from finetune.callbacks.run_meter import peak_memory_mb, reset_peak_memory
-from finetune.config import native_bf16
+from finetune.config import auto_precision
 from finetune.data import preprocessing
 from finetune.data.base import (SPLITS, ImageDataModule, IndexBatchDataset, IndexBatchLoader, SplitLoaders,
                                 index_batch_loader, world_and_rank)
@@ -32,12 +32,14 @@ WEIGHT_SOURCE_KEYS = ("pretrained", "checkpoint_path", "weights")
 PROBE_SAMPLES = 4
 
 
-def extraction_mode(device: torch.device) -> dict:
-    """How extraction runs on `device`: bf16 (fp16 where the GPU has no native bf16) autocast and channels_last on a
-    GPU, plain fp32 on the CPU. Part of the cache key: the same backbone gives other numbers in another mode."""
-    if device.type != "cuda":
-        return {"device": device.type, "autocast": None, "channels_last": False}
-    return {"device": "cuda", "autocast": "bfloat16" if native_bf16() else "float16", "channels_last": True}
+def extraction_mode(device: torch.device, precision: str | None = None) -> dict:
+    """How extraction runs on `device`: in the run's precision (trainer.precision: bf16-mixed or bf16-true under bf16
+    autocast, 16-mixed or 16-true under fp16, 32-true and 64-true without autocast), as the run's own eval and
+    predict do; channels_last on a GPU. Without a run (None): what precision=auto picks there. Part of the cache
+    key: the same backbone gives other numbers in another mode."""
+    precision = str(precision or auto_precision("gpu" if device.type == "cuda" else "cpu"))
+    autocast = {"bf16": "bfloat16", "16": "float16"}.get(precision.split("-")[0])
+    return {"device": device.type, "autocast": autocast, "channels_last": device.type == "cuda"}
 
 
 def code_versions(images: ImageDataModule) -> dict:
@@ -59,11 +61,12 @@ def code_versions(images: ImageDataModule) -> dict:
 
 @torch.inference_mode()
 def iter_features(backbone: torch.nn.Module, images: ImageDataModule, split: str, indices: torch.Tensor,
-                  batch_size: int, device: torch.device, dtype: torch.dtype):
+                  batch_size: int, device: torch.device, dtype: torch.dtype, precision: str | None = None):
     """Run the backbone over samples `indices` of a split (eval transforms, eval mode, inference mode, in the
-    device's extraction_mode), one batch at a time: yields (features as `dtype` on `device`, labels on the host)."""
+    extraction_mode of the device and precision), one batch at a time: yields (features as `dtype` on `device`,
+    labels on the host)."""
     backbone.eval()
-    mode = extraction_mode(device)
+    mode = extraction_mode(device, precision)
     autocast = torch.autocast(device.type, dtype=getattr(torch, mode["autocast"] or "float32"),
                               enabled=mode["autocast"] is not None)
     for batch_images, batch_labels in images.subset_loader(split, indices, batch_size):
@@ -76,9 +79,10 @@ def iter_features(backbone: torch.nn.Module, images: ImageDataModule, split: str
 
 
 def extract_features(backbone: torch.nn.Module, images: ImageDataModule, split: str, indices: torch.Tensor,
-                     batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                     batch_size: int, device: torch.device, dtype: torch.dtype,
+                     precision: str | None = None) -> dict[str, torch.Tensor]:
     """The features of a few samples in one tensor (the probe); whole splits stream through iter_features."""
-    batches = list(iter_features(backbone, images, split, indices, batch_size, device, dtype))
+    batches = list(iter_features(backbone, images, split, indices, batch_size, device, dtype, precision))
     return {"features": torch.cat([f for f, _ in batches]), "labels": torch.cat([y for _, y in batches])}
 
 
@@ -156,6 +160,11 @@ class CachedFeatureDataModule(SplitLoaders):
     def prepare_data(self) -> None:
         self.images.prepare_data()
 
+    @property
+    def precision(self) -> str | None:
+        """The run's precision (extraction follows it), None outside a trainer."""
+        return str(self.trainer.precision) if self.trainer is not None else None
+
     def identity(self, device: torch.device) -> dict:
         """Everything that decides the stored numbers, but the split; any change gives another key."""
         backbone_config = {k: v for k, v in ((self.module.run_config or {}).get("backbone") or {}).items()
@@ -163,7 +172,7 @@ class CachedFeatureDataModule(SplitLoaders):
         return {"backbone": self.module.backbone_name, "backbone_config": backbone_config,
                 "weights": weights_digest(self.module.backbone), "preprocessing": self.images.preprocessing,
                 "dataset": self.images.dataset_id, "image_source": getattr(self.images, "image_source", "memory"),
-                "dtype": str(self.dtype), "extraction": extraction_mode(device),
+                "dtype": str(self.dtype), "extraction": extraction_mode(device, self.precision),
                 "code": code_versions(self.images)}
 
     def setup(self, stage: str | None = None) -> None:
@@ -201,7 +210,7 @@ class CachedFeatureDataModule(SplitLoaders):
         total = identity["num_samples"]
         probe = probe_indices(total)
         fresh = extract_features(self.module.backbone.to(device), self.images, split, probe, len(probe), device,
-                                 self.dtype)
+                                 self.dtype, self.precision)
         columns = {"features": Column(str(self.dtype).removeprefix("torch."), tuple(fresh["features"].shape[1:])),
                    "labels": Column("int64", ()), "indices": Column("int64", ())}
         entry.create(identity, total, self._rows_per_shard(columns["features"].row_bytes), columns)
@@ -210,7 +219,7 @@ class CachedFeatureDataModule(SplitLoaders):
         if not stored.any():
             return entry, valid
         mapped = entry.open(valid)
-        exact = self.dtype == torch.float32 and extraction_mode(device)["autocast"] is None
+        exact = self.dtype == torch.float32 and extraction_mode(device, self.precision)["autocast"] is None
         tolerance = 1e-3 if exact else 3e-2
         error = relative_error(mapped.gather("features", probe[stored]), fresh["features"].cpu()[stored])
         if error > tolerance or not torch.equal(mapped.gather("labels", probe[stored]), fresh["labels"][stored]):
@@ -269,7 +278,8 @@ class CachedFeatureDataModule(SplitLoaders):
                 labels = torch.empty(stop - start, dtype=torch.int64)
                 position = 0
                 for features, batch_labels in iter_features(backbone, self.images, split, torch.arange(start, stop),
-                                                            self.extract_batch_size, device, self.dtype):
+                                                            self.extract_batch_size, device, self.dtype,
+                                                            self.precision):
                     buffer[position:position + len(features)].copy_(features, non_blocking=True)
                     labels[position:position + len(features)] = batch_labels
                     position += len(features)
