@@ -215,6 +215,59 @@ def test_image_folder_test_on_val_only_when_asked_and_it_says_so(tmp_path, caplo
     assert "NOT held out" in datamodule.test_split and "testing on val" in caplog.text
 
 
+def test_a_flat_folder_with_test_fraction_0_tests_on_val_as_documented(tmp_path, caplog):
+    """root/<class>/* with data.test_fraction=0 raised scikit-learn's InvalidParameterError (review #8)."""
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "flat", per_class=10, split_dirs=("",))
+    datamodule = ImageFolderDataModule(root=str(root), test_fraction=0, val_fraction=0.2)
+    assert datamodule.samples["test"] == datamodule.samples["val"] and len(datamodule.samples["val"]) == 4
+    assert "NOT held out" in datamodule.test_split and "testing on val" in caplog.text
+
+
+@pytest.mark.parametrize("change,expected", [
+    (["data.test_fraction=0"], None),
+    (["data.val_fraction=0"], "data.val_fraction=0 must be between 0 and 1"),
+    (["data.test_fraction=1.5"], "data.test_fraction=1.5 must be 0 (test on val) or between 0 and 1"),
+    (["data.val_fraction=0.6", "data.test_fraction=0.5"], "leave nothing to train on"),
+    (["data.val_fraction=0.05"], "data.val_fraction=0.05 holds out 1 of the 18 samples"),
+    (["+lonely=1"], "class 'lonely' of"),
+])
+def test_image_folder_split_mistakes_are_one_line_with_exit_2(tmp_path, change, expected):
+    """A class with one image, or fractions that leave a split without a class, raised raw ValueErrors; fractions
+    were never checked (review #8). The flat layout splits 20 images of 2 classes (18 stay after the test share)."""
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "flat", per_class=10, split_dirs=("",))
+    if "+lonely=1" in change:
+        make_image_folder(tmp_path / "flat", classes=("lonely",), per_class=1, split_dirs=("",))
+        change = []
+    overrides = [o for o in TINY if not o.startswith("data")]
+    result = run_main("finetune.train", *overrides, "data=image_folder", f"data.root={root}", "data.image_size=32",
+                      "data.num_workers=0", "strategy=cached", "trainer.max_epochs=1", *change,
+                      f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    if expected is None:
+        assert result.returncode == 0, result.stderr[-2000:]
+        return
+    assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_every_datamodule_splits_with_the_one_hold_out():
+    """digits, image folders and torchvision datasets hold out through finetune.data.hold_out (one implementation,
+    one set of checks); the digits split is the one it always was (stratified, seeded)."""
+    import inspect
+
+    from finetune.data import DigitsDataModule, image_folder, torchvision as tv_data
+
+    for module in (image_folder, tv_data, DigitsDataModule):
+        source = inspect.getsource(module if inspect.ismodule(module) else inspect.getmodule(module))
+        assert "hold_out(" in source and "train_test_split" not in source
+    digits = DigitsDataModule(image_size=8)
+    sizes = {split: len(labels) for split, (_, labels) in digits.load_splits().items()}
+    assert sizes == {"train": 1257, "val": 270, "test": 270}
+
+
 # -- Trainer flags that limit batches ------------------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["freeze", "cached"])
 @pytest.mark.parametrize("flag,check", [

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from finetune.data.base import TensorImageDataModule
-from finetune.errors import ConfigError
+from finetune.data.hold_out import check_fractions, hold_out
 
 
 class DigitsDataModule(TensorImageDataModule):
@@ -16,9 +15,7 @@ class DigitsDataModule(TensorImageDataModule):
     `image_size` on the device."""
 
     def __init__(self, val_fraction: float = 0.15, test_fraction: float = 0.15, split_seed: int = 0, **kwargs):
-        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ConfigError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be "
-                              f"in (0, 1) and sum to less than 1")
+        check_fractions(val_fraction, test_fraction)
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         super().__init__(**kwargs)
 
@@ -36,11 +33,10 @@ class DigitsDataModule(TensorImageDataModule):
         # Pixel values are 0..16; scale to the 0..255 range of an ordinary uint8 image.
         images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]
         labels = digits.target.astype(np.int64)
-        index = np.arange(len(labels))
-        train_val, test = train_test_split(index, test_size=self.test_fraction, stratify=labels,
-                                           random_state=self.split_seed)
-        val_share = self.val_fraction / (1 - self.test_fraction)
-        train, val = train_test_split(train_val, test_size=val_share, stratify=labels[train_val],
-                                      random_state=self.split_seed)
+        train_val, test = hold_out(labels, self.test_fraction, self.split_seed, "data.test_fraction",
+                                   source="the digits")
+        rest, held = hold_out(labels[train_val], self.val_fraction / (1 - self.test_fraction), self.split_seed,
+                              "data.val_fraction", source="the digits", of_whole=1 - self.test_fraction)
+        train, val = train_val[rest], train_val[held]
         return {name: (torch.from_numpy(images[idx]), torch.from_numpy(labels[idx]))
                 for name, idx in (("train", train), ("val", val), ("test", test))}

@@ -14,11 +14,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
 from finetune.data.files import FileImageDataModule
+from finetune.data.hold_out import check_fractions, hold_out
 from finetune.data.preprocessing import CorruptImageError, load_rgb
 from finetune.errors import ConfigError
 from finetune.progress import Progress
@@ -64,6 +63,7 @@ class ImageFolderDataModule(FileImageDataModule):
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
             raise ConfigError(f"data.root={root} does not exist (expected class folders, or train/ and val/)")
+        check_fractions(val_fraction, test_fraction, test_may_be_zero=True)
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.verify_images = verify_images
         self._samples: dict[str, list[tuple[str, int]]] | None = None
@@ -84,8 +84,14 @@ class ImageFolderDataModule(FileImageDataModule):
     def _scan(self) -> dict[str, list[tuple[str, int]]]:
         if not (self.root / "train").is_dir():
             self._classes, every = scan_class_folders(self.root)
-            rest, test = self._hold_out(every, self.test_fraction)
-            train, val = self._hold_out(rest, self.val_fraction / (1 - self.test_fraction))
+            rest, test = self._hold_out(every, self.test_fraction, "data.test_fraction")
+            train, val = self._hold_out(rest, self.val_fraction / (1 - self.test_fraction), "data.val_fraction",
+                                        1 - self.test_fraction)
+            if not test:  # data.test_fraction=0: documented as testing on val
+                self.test_split = f"val (data.test_fraction=0 on {self.root}: test accuracy is NOT held out)"
+                log.warning("data.test_fraction=0: testing on val, the split that picked the checkpoint; the test "
+                            "accuracy is optimistic")
+                return {"train": train, "val": val, "test": val}
             self.test_split = f"held out {self.test_fraction:.0%} of {self.root} (data.split_seed={self.split_seed})"
             return {"train": train, "val": val, "test": test}
         self._classes, train = scan_class_folders(self.root / "train")
@@ -94,7 +100,7 @@ class ImageFolderDataModule(FileImageDataModule):
             self.test_split = f"{self.root / 'test'}"
             return {"train": train, "val": val, "test": scan_class_folders(self.root / "test", self._classes)[1]}
         if self.test_fraction > 0:  # never test on val: it picked the checkpoint
-            train, test = self._hold_out(train, self.test_fraction)
+            train, test = self._hold_out(train, self.test_fraction, "data.test_fraction")
             self.test_split = (f"held out {self.test_fraction:.0%} of {self.root / 'train'} "
                                f"(no test/ folder; data.test_fraction, data.split_seed={self.split_seed})")
             log.info("no test/ folder under %s: the test split is %s", self.root, self.test_split)
@@ -104,11 +110,10 @@ class ImageFolderDataModule(FileImageDataModule):
                     "checkpoint; the test accuracy is optimistic", self.root)
         return {"train": train, "val": val, "test": val}
 
-    def _hold_out(self, samples: list[tuple[str, int]], fraction: float):
+    def _hold_out(self, samples: list[tuple[str, int]], fraction: float, key: str, of_whole: float = 1.0):
         """(rest, held out): a stratified, seeded share of `samples`."""
-        labels = np.array([label for _, label in samples])
-        rest, held = train_test_split(np.arange(len(samples)), test_size=fraction, stratify=labels,
-                                      random_state=self.split_seed)
+        rest, held = hold_out([label for _, label in samples], fraction, self.split_seed, key, self._classes,
+                              str(self.root), of_whole)
         return [samples[i] for i in rest], [samples[i] for i in held]
 
     def _verify(self) -> None:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torchvision.datasets
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
 from finetune.backbones.base import network_error_types
+from finetune.data.hold_out import check_fractions, hold_out
 from finetune.data.files import FileImageDataModule
 from finetune.errors import ConfigError, OfflineError
 
@@ -46,6 +46,7 @@ class TorchvisionDataModule(FileImageDataModule):
         if name not in candidates:
             raise ConfigError(f"data.name={name!r} is not a torchvision dataset; choose one of: {', '.join(candidates)}")
         self.name, self.root, self.download = name, str(Path(root).expanduser()), download
+        check_fractions(val_fraction)
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self._datasets: dict[str, tuple[Dataset, np.ndarray]] | None = None
 
@@ -95,9 +96,8 @@ class TorchvisionDataModule(FileImageDataModule):
                 raise ConfigError(f"{self.name} has no train/test splits this datamodule recognises")
             index = np.arange(len(train))
             if val is None:  # carve a stratified val split out of train
-                labels = _labels(train)
-                train_idx, val_idx = train_test_split(index, test_size=self.val_fraction, random_state=self.split_seed,
-                                                      stratify=labels)
+                train_idx, val_idx = hold_out(_labels(train), self.val_fraction, self.split_seed, "data.val_fraction",
+                                              getattr(train, "classes", None), f"{self.name}'s train split")
                 splits = {"train": (train, train_idx), "val": (train, val_idx)}
             else:
                 splits = {"train": (train, index), "val": (val, np.arange(len(val)))}
