@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 
 import pytest
 import torch
@@ -287,3 +288,20 @@ def test_batch_limiting_trainer_flags_work_with_in_memory_loaders(tiny, strategy
                         test=True)
     assert check(trainer), flag
     assert "test/acc" in trainer.callback_metrics
+
+
+def test_seed_null_draws_a_seed_logs_it_and_metrics_json_records_it(tmp_path, caplog):
+    """seed=null crashed with a raw TypeError at int(seed) in the datamodule (review #9): a seed is drawn, logged and
+    recorded, and passing it again repeats the run."""
+    import json
+
+    from finetune.train import DRAWN_SEED_ENV, train
+
+    caplog.set_level("INFO")
+    first = train(compose_config(tmp_path / "a", [*TINY, "seed=null", "strategy=freeze", "trainer.max_epochs=1"]))
+    seed = first["seed"]
+    assert isinstance(seed, int) and f"seed=null: drew seed={seed}" in caplog.text
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["seed"] == seed
+    assert DRAWN_SEED_ENV not in os.environ, "the next job of a sweep draws its own"
+    again = train(compose_config(tmp_path / "b", [*TINY, f"seed={seed}", "strategy=freeze", "trainer.max_epochs=1"]))
+    assert (again["test_acc"], again["test_loss"]) == (first["test_acc"], first["test_loss"])

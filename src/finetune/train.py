@@ -6,13 +6,15 @@ import importlib.util
 import json
 import logging
 import math
+import os
+import secrets
 import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.callbacks import FreezeAudit, RunMeter
 from finetune.config import CONFIG_DIR, instantiate, report_user_errors
@@ -95,9 +97,36 @@ def missing_package(err: BaseException | None) -> str | None:
     return None
 
 
-def train(cfg: DictConfig) -> dict:
+DRAWN_SEED_ENV = "FINETUNE_DRAWN_SEED"
+
+
+def resolve_seed(cfg: DictConfig) -> bool:
+    """seed=null: draw a seed, log it and put it in the config (the data seeds and metrics.json read it from there).
+    DDP ranks started by this process inherit it through the environment, so every rank draws the same. Returns
+    whether this process drew it."""
     if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
+        return False
+    inherited = os.environ.get(DRAWN_SEED_ENV)
+    seed = int(inherited) if inherited else secrets.randbelow(2**31)
+    with open_dict(cfg):
+        cfg.seed = seed
+    if not inherited:
+        os.environ[DRAWN_SEED_ENV] = str(seed)
+        log.info("seed=null: drew seed=%d (metrics.json records it; pass seed=%d to repeat this run)", seed, seed)
+    return not inherited
+
+
+def train(cfg: DictConfig) -> dict:
+    drew_seed = resolve_seed(cfg)
+    try:
+        return _train(cfg)
+    finally:
+        if drew_seed:  # the next job of a sweep in this process draws its own
+            os.environ.pop(DRAWN_SEED_ENV, None)
+
+
+def _train(cfg: DictConfig) -> dict:
+    L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     datamodule, module = build(cfg)
