@@ -10,6 +10,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from finetune.callbacks import NonFiniteLossGuard
+
 
 class KillAtStep(L.Callback):
     """SIGKILL this process when the given optimizer step is about to run: no cleanup, no final checkpoint."""
@@ -210,3 +212,17 @@ class RecordBatchNormModes(L.Callback):
         import json
 
         Path(self.output_dir, "bn_training.json").write_text(json.dumps(self.training))
+
+
+class GuardSeeingNaNOnRank1(NonFiniteLossGuard):
+    """The real guard, shown a NaN loss on rank 1 only from optimizer step `step` on (the gradients stay finite, so
+    rank 0's own loss never turns): what a rank-local overflow looks like to the guard."""
+
+    def __init__(self, step: int, check_every_n_steps: int = 10):
+        super().__init__(check_every_n_steps)
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step >= self.step:
+            outputs = {"loss": torch.full((), float("nan"), device=module.device)}
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)

@@ -148,3 +148,27 @@ def test_the_rank_relaunch_keeps_config_flags_and_user_hydra_overrides_but_not_t
     assert job_command_line(argv, hydra, ["strategy=freeze"]) == [
         "-cd", "my_configs", "--config-name=my_train", "-cp", "/abs/primary", "hydra.searchpath=[file://more]",
         "strategy=freeze"]
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_one_line_error(tmp_path):
+    """Two gloo processes, a non-finite loss on rank 1 only: the guard reduces its flag across ranks at each check,
+    so both stop with the error; it used to stop rank 1 alone while rank 0 waited in its next all-reduce until the
+    process group's timeout (review #10)."""
+    import subprocess
+    import sys
+
+    from tests.test_cli import cli_env
+
+    command = [sys.executable, "-m", "finetune.train", *TINY, "strategy=freeze", "trainer=ddp_cpu",
+               "callbacks.numerics_guard._target_=tests.faults.GuardSeeingNaNOnRank1", "+callbacks.numerics_guard.step=1",
+               f"hydra.run.dir={tmp_path / 'run'}"]
+    try:
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=cli_env(), timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a rank waited for the one that stopped: the run hung")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: training loss became")]
+    assert len(errors) == 2, result.stderr[-3000:]  # one line from each rank
+    assert any("became nan at step 1 (epoch 0)" in e for e in errors), "rank 1 names its loss"
+    assert any("non-finite on another rank at step 1 (epoch 0)" in e for e in errors), "rank 0 stops with it"
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -18,6 +18,21 @@ class NonFiniteLossError(ConfigError):
     pass
 
 
+NONE = 2**62  # "no bad step" in the cross-rank minimum
+
+
+def first_bad_step_of_all_ranks(first_bad_step: torch.Tensor) -> int:
+    """The earliest bad step any rank saw (-1: none), by one all-reduce of an int64."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return int(first_bad_step)
+    encoded = torch.where(first_bad_step < 0, torch.full_like(first_bad_step, NONE), first_bad_step)
+    dist.all_reduce(encoded, op=dist.ReduceOp.MIN)
+    step = int(encoded)
+    return -1 if step == NONE else step
+
+
 class NonFiniteLossGuard(Callback):
     def __init__(self, check_every_n_steps: int = 10):
         self.check_every_n_steps = max(int(check_every_n_steps), 1)
@@ -47,13 +62,17 @@ class NonFiniteLossGuard(Callback):
             self.check(trainer)
 
     def check(self, trainer) -> None:
-        step = int(self.first_bad_step)
+        """Every rank checks at the same steps; under DDP the first bad step is reduced across ranks first, so that
+        all stop together (a rank stopping alone leaves the others waiting in their next all-reduce)."""
+        local = int(self.first_bad_step)
+        step = first_bad_step_of_all_ranks(self.first_bad_step) if trainer.world_size > 1 else local
         if step < 0:
             return
         saved = [c.last_model_path for c in trainer.checkpoint_callbacks if c.last_model_path]
         saved += [c.best_model_path for c in trainer.checkpoint_callbacks if c.best_model_path]
         last_good = saved[0] if saved else ""
+        value = float(self.first_bad_loss) if local == step else "non-finite on another rank"
         raise NonFiniteLossError(
-            f"training loss became {float(self.first_bad_loss)} at step {step} (epoch {trainer.current_epoch}); "
+            f"training loss became {value} at step {step} (epoch {trainer.current_epoch}); "
             f"last good checkpoint: {last_good or 'none yet'}; try a lower optimizer.lr, "
             f"trainer.gradient_clip_val=1.0, or trainer.precision=32-true")
