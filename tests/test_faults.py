@@ -305,3 +305,37 @@ def test_seed_null_draws_a_seed_logs_it_and_metrics_json_records_it(tmp_path, ca
     assert DRAWN_SEED_ENV not in os.environ, "the next job of a sweep draws its own"
     again = train(compose_config(tmp_path / "b", [*TINY, f"seed={seed}", "strategy=freeze", "trainer.max_epochs=1"]))
     assert (again["test_acc"], again["test_loss"]) == (first["test_acc"], first["test_loss"])
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_one_drop_last_rule_for_in_memory_data_image_files_and_the_store(tmp_path, world):
+    """Drop-last was decided per dataset for image files but per rank for in-memory data, so few images on many
+    GPUs could give the image loader no batch (review #12). Now every train loader batches through IndexBatchSampler:
+    a rank's last partial batch is dropped only when the rank has more than one batch."""
+    from types import SimpleNamespace
+
+    from finetune.data import FakeDataModule
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "images", per_class=3, split_dirs=("train", "val", "test"))  # 6 to train
+    common = {"batch_size": 4, "image_size": 16, "num_workers": 0}
+    modules = {"memory": FakeDataModule(num_samples=6, native_size=8, **common),
+               "files": ImageFolderDataModule(root=str(root), **common),
+               "store": ImageFolderDataModule(root=str(root), store=True, store_dir=str(tmp_path / "store"), **common)}
+    expected = {1: 1, 4: 1}[world]  # 6 samples: one batch of 4 (the rest dropped); on 4 ranks 2 each, kept
+    for name, datamodule in modules.items():
+        for rank in range(world):
+            datamodule.trainer = SimpleNamespace(world_size=world, global_rank=rank, overfit_batches=0)
+            assert len(datamodule.train_dataloader()) == expected, (name, rank)
+
+
+def test_an_epoch_without_a_batch_is_refused_in_one_line():
+    """overfit_batches reads the split in order without padding: 3 samples on 4 ranks leave rank 3 nothing."""
+    from types import SimpleNamespace
+
+    from finetune.data import FakeDataModule
+
+    datamodule = FakeDataModule(num_samples=3, native_size=8, batch_size=4, image_size=16)
+    datamodule.trainer = SimpleNamespace(world_size=4, global_rank=3, overfit_batches=1)
+    with pytest.raises(ConfigError, match=r"the train split \(3 samples\) gives rank 3 of 4 no batch"):
+        datamodule.train_dataloader()

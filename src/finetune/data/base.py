@@ -182,9 +182,16 @@ class SplitLoaders(LightningDataModule):
     eval_batch_size: int
 
     def train_dataloader(self):
+        """One rule for every datamodule and rank (IndexBatchSampler): the last partial batch of a rank is dropped
+        only when the rank has more than one batch; an epoch with no batch at all is refused in one line."""
         # Lightning's overfit_batches wants the same first batches every epoch: no shuffling, no augmentation
         overfitting = self.trainer is not None and self.trainer.overfit_batches > 0
-        return self.split_loader("train", self.batch_size, shuffle=not overfitting, drop_last=True)
+        loader = self.split_loader("train", self.batch_size, shuffle=not overfitting, drop_last=True)
+        if len(loader) == 0:
+            world, rank = world_and_rank(self.trainer)
+            raise ConfigError(f"the train split ({loader.sampler.length:,} samples) gives rank {rank} of {world} no "
+                              f"batch: use fewer devices (trainer.devices) or more data")
+        return loader
 
     def val_dataloader(self):
         return self.split_loader("val", self.eval_batch_size, shuffle=False)
