@@ -225,6 +225,16 @@ def test_feature_drift_is_exactly_zero_when_the_backbone_is_frozen(tmp_path):
     assert len(curve) == 1 and curve[0][0] > 0 and 0 <= curve[0][1] <= 1, "val/acc against seconds from the CSV log"
 
 
+def test_feature_drift_is_measured_without_the_audit_callback(tmp_path):
+    """callbacks=none turns the freeze audit off, whose snapshot feature_drift read: it disappeared without a word
+    (review #14); train() now keeps its own snapshot of the backbone as built."""
+    audited = train(compose_config(tmp_path / "a", [*TINY, "strategy=full", "trainer.max_epochs=1"]))
+    without = [o for o in TINY if o != "~callbacks.progress_bar"]
+    alone = train(compose_config(tmp_path / "b", [*without, "strategy=full", "trainer.max_epochs=1", "callbacks=none"]))
+    assert "audit_violations" not in alone and alone["feature_drift"] > 0
+    assert alone["feature_drift"] == pytest.approx(audited["feature_drift"], rel=1e-5)
+
+
 @pytest.mark.parametrize("phases,message", [
     ([], "strategy.phases is empty"),
     ([{"epochs": 1, "train": ["head"], "epoch": 2}], "strategy.phases[0] has unknown key 'epoch'; valid keys: epochs"),

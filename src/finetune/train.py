@@ -132,6 +132,8 @@ def _train(cfg: DictConfig) -> dict:
     datamodule, module = build(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
                                      logger=instantiate_all(cfg.get("logger"), "logger") or False)
+    if not any(isinstance(c, FreezeAudit) for c in trainer.callbacks):  # feature_drift needs the weights as built
+        module._pretrained_backbone = {n: t.detach().cpu().clone() for n, t in module.backbone.state_dict().items()}
     try:
         with ddp_ranks_join_this_job(trainer):
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -235,8 +237,11 @@ def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val) -> di
     if audit is not None and audit.report is not None:
         metrics["audit_violations"] = len(audit.report["violations"])
         metrics["phases"] = len(audit.report["phases"])
-    if audit is not None and hasattr(audit, "initial") and trainer.is_global_zero:
+    if audit is not None and hasattr(audit, "initial"):
         pretrained = {n[len("backbone."):]: t for n, t in audit.initial.items() if n.startswith("backbone.")}
+    else:  # callbacks=none: the snapshot train() took before fit
+        pretrained = getattr(module, "_pretrained_backbone", None)
+    if pretrained is not None and trainer.is_global_zero:
         metrics["feature_drift"] = round(feature_drift(module.backbone, pretrained, images,
                                                        getattr(images, "eval_batch_size", 256)), 6)
     return metrics
