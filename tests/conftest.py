@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
 from finetune.config import CONFIG_DIR
-from finetune.train import build, instantiate_all
+from finetune.build import build, instantiate_all
 
 TESTS_DIR = Path(__file__).resolve().parent
 # A tiny timm model (99k parameters, BatchNorm, 5 blocks) at 32 px on 64 fake images keeps each fit under a second.

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 
 from finetune.callbacks import FreezeViolationError
 from finetune.strategies import FreezeBackbone
-from finetune.train import build, instantiate_all
+from finetune.build import build, instantiate_all
 from tests.conftest import fit
 
 

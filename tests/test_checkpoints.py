@@ -8,7 +8,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hydra.utils import instantiate
 
-from finetune.train import build, instantiate_all, train
+from finetune.build import build, instantiate_all
+from finetune.train import train
 from tests.conftest import fit
 
 # 64 fake images in batches of 16: 4 optimizer steps an epoch. A learning rate this small leaves val/acc where it was

@@ -12,7 +12,7 @@ from finetune.backbones import timm as timm_backbones
 from finetune.data import ImageFolderDataModule, TorchvisionDataModule
 from finetune.data.image_folder import CorruptImageError
 from finetune.errors import ConfigError, OfflineError
-from finetune.train import build
+from finetune.build import build
 from tests.conftest import TINY, compose_config
 from tests.test_cli import run_main
 

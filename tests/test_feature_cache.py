@@ -15,7 +15,7 @@ from finetune.data import shard_store
 from finetune.data.cached import PROBE_SAMPLES
 from finetune.data.feature_cache import FeatureCache
 from finetune.data.shard_store import StoreWriteError
-from finetune.train import build
+from finetune.build import build
 from tests.conftest import fit, snapshot
 
 SHARDED = ["strategy=cached", "strategy.shard_rows=16"]  # 64 train rows: 4 shards; val and test 16 rows: 1 each

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from finetune.train import build
+from finetune.build import build
 
 
 def adapter_and_module(tiny, strategy: str, *extra: str):

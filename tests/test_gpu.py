@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from finetune.eval import evaluate
-from finetune.train import build, train
+from finetune.build import build
+from finetune.train import train
 from tests.conftest import TINY, compose_config, fit, initial_state, snapshot
 
 pytestmark = pytest.mark.gpu

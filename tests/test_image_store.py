@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from finetune.data.device_augment import crop_boxes, random_resized_crop_flip
-from finetune.train import build, train
+from finetune.build import build
+from finetune.train import train
 from tests.conftest import TINY, compose_config, make_image_folder
 from tests.test_cli import run_cli, start_cli
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 from hydra.utils import instantiate
 
-from finetune.train import build, instantiate_all
+from finetune.build import build, instantiate_all
 from tests.conftest import fit
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from finetune.errors import ConfigError
-from finetune.train import build
+from finetune.build import build
 from tests.conftest import TINY, compose_config, fit, initial_state, snapshot
 from tests.test_cli import start_cli
 from tests.test_strategies import optimizer_names

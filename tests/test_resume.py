@@ -30,7 +30,7 @@ def test_resuming_with_another_strategy_is_refused_clearly(tmp_path):
 ])
 def test_resuming_with_a_changed_config_names_what_differs_and_how_to_restore_it(tiny, change, named):
     from finetune.errors import ConfigError
-    from finetune.train import build
+    from finetune.build import build
 
     _, trained = build(tiny("strategy=freeze"))
     checkpoint = {"finetune": {"strategy": "freeze", "config": trained.run_config}}
@@ -59,7 +59,7 @@ def test_resuming_on_another_number_of_processes_is_refused_with_the_overrides_t
 
 
 def test_resuming_with_only_paths_loggers_or_workers_changed_is_allowed(tiny, tmp_path):
-    from finetune.train import build
+    from finetune.build import build
 
     _, trained = build(tiny("strategy=freeze"))
     _, resuming = build(tiny("strategy=freeze", "logger=tensorboard", "trainer.log_every_n_steps=1",

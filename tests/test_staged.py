@@ -48,7 +48,7 @@ def fit_recorded(cfg):
     recorder = Recorder()
     L.seed_everything(cfg.seed, workers=True)
     from finetune.config import instantiate
-    from finetune.train import build, instantiate_all
+    from finetune.build import build, instantiate_all
 
 
     datamodule, module = build(cfg)
@@ -259,7 +259,7 @@ def test_bad_schedules_are_refused_in_one_line(phases, message):
     ([["head"], ["nope"]], "strategy.phases[1].train entry 'nope' names no submodule of the backbone; choices: head"),
 ])
 def test_unknown_and_overlapping_parts_are_refused_like_strategy_modules(tiny, train, message):
-    from finetune.train import build_images_and_module
+    from finetune.build import build_images_and_module
 
     phases = [{"epochs": 1, "train": t} for t in train]
     cfg = tiny("strategy=gradual", f"trainer.max_epochs={len(train)}")

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from finetune.errors import ConfigError
-from finetune.train import build, instantiate_all
+from finetune.build import build, instantiate_all
 from tests.conftest import fit, initial_state, snapshot
 
 STRATEGIES = ["full", "freeze", "no_grad", "cached"]

@@ -101,7 +101,7 @@ def in_process_figures(args, size: int, cache_dir: Path, out_dir: Path) -> dict:
 
     from finetune.config import CONFIG_DIR
     from finetune.data.feature_cache import FeatureCache
-    from finetune.train import build
+    from finetune.build import build
 
     start = time.perf_counter()
     cache = FeatureCache(cache_dir)

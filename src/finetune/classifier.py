@@ -41,7 +41,7 @@ def without_weights(backbone_cfg) -> dict:
 
 def load_module(ckpt_path: str | Path) -> FinetuneModule:
     """The trained FinetuneModule of a checkpoint, in eval mode on the CPU, built without its training data."""
-    from finetune.train import build_module
+    from finetune.build import build_module
 
     checkpoint = read_checkpoint(ckpt_path)
     saved = checkpoint["finetune"]

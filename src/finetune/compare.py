@@ -19,7 +19,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from finetune.config import CONFIG_DIR, report_user_errors
+from finetune.config import CONFIG_DIR
+from finetune.failures import report_user_errors
 from finetune.errors import ConfigError
 from finetune.report import collect_runs, format_text, succeeded, summarise, write_report
 

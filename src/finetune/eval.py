@@ -14,9 +14,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.classifier import read_checkpoint, without_weights
-from finetune.config import CONFIG_DIR, instantiate, report_user_errors
+from finetune.config import CONFIG_DIR, instantiate
+from finetune.failures import report_user_errors
 from finetune.errors import ConfigError
-from finetune.train import build_images_and_module
+from finetune.build import build_images_and_module
 
 log = logging.getLogger("finetune")
 

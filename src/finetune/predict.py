@@ -20,7 +20,8 @@ from rich.progress import track
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.classifier import load_model
-from finetune.config import CONFIG_DIR, report_user_errors
+from finetune.config import CONFIG_DIR
+from finetune.failures import report_user_errors
 from finetune.data.preprocessing import CorruptImageError, Preprocessor
 from finetune.errors import ConfigError
 

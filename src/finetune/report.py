@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from finetune.config import FAILURE_FILE
+from finetune.failures import FAILURE_FILE
 from finetune.decide import decide, per_class_accuracy
 
 COLUMNS = [  # (key of a strategy's row: metrics.json's, averaged over seeds, or decide's; column header, format)

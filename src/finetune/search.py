@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune.config import FAILURE_FILE
+from finetune.failures import FAILURE_FILE
 
 
 def trial_dirs(sweep_dir: Path) -> list[Path]:
