@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import Backbone
 from finetune.errors import ConfigError
+from finetune.lightning_internals import attached_trainer, should_update_logs
 from finetune.resume import check_resume, processes
 from finetune.optim import constant, param_groups, phased_schedule
 from finetune.rng import rng_states, set_rng_states
@@ -73,9 +74,10 @@ class FinetuneModule(LightningModule):
     def setup(self, stage: str) -> None:
         """Runs before the strategy moves the model and wraps it in DDP, whose gradient buckets follow the parameters'
         strides as they are then: channels_last must come first (after wrapping, every step would copy gradients)."""
-        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
-        if stage == "fit" and self._trainer is not None:
-            self.strategy.before_wrap(self, self._trainer)
+        trainer = attached_trainer(self)
+        device = trainer.strategy.root_device if trainer is not None else self.device
+        if stage == "fit" and trainer is not None:
+            self.strategy.before_wrap(self, trainer)
         if device.type == "cuda" and self.hparams.channels_last and self.backbone_is_conv:
             self.backbone.to(memory_format=torch.channels_last)
         if self.hparams.compile and not getattr(self, "_compiled", False):
@@ -111,7 +113,7 @@ class FinetuneModule(LightningModule):
         loss, _ = self._step(batch, "train")
         # only on the steps Lightning writes to the loggers (each self.log costs milliseconds of Python), so the value
         # written at step s is step s's own loss; the rule is Lightning's (pinned by tests/test_metrics.py)
-        if self.trainer._logger_connector.should_update_logs:
+        if should_update_logs(self.trainer):
             self.log("train/loss_step", loss.detach(), prog_bar=True, batch_size=len(batch[-1]))
         return loss
 
@@ -205,7 +207,7 @@ class FinetuneModule(LightningModule):
         checkpoint["finetune"] = {"strategy": self.strategy.name, "config": self.run_config,
                                   "class_names": self.class_names, "preprocessing": self.preprocessing,
                                   "rng": rng_states(), "best_val": self.best_val,
-                                  "processes": processes(self._trainer) if self._trainer is not None else None}
+                                  "processes": processes(trainer) if (trainer := attached_trainer(self)) else None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # taken up just before the first resumed step (on_train_batch_start), where the uninterrupted run was
@@ -216,5 +218,6 @@ class FinetuneModule(LightningModule):
             raise ConfigError(f"checkpoint was trained with strategy={saved}, this run uses "
                               f"strategy={self.strategy.name}; resume with strategy={saved}, or start a new run "
                               f"from its weights instead of resuming")
-        if self._trainer is None or self._trainer.state.fn == "fit":  # resuming, or loading outside a trainer
-            check_resume(checkpoint.get("finetune", {}), self.run_config, self._trainer)
+        trainer = attached_trainer(self)
+        if trainer is None or trainer.state.fn == "fit":  # resuming, or loading outside a trainer
+            check_resume(checkpoint.get("finetune", {}), self.run_config, trainer)

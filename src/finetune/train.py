@@ -23,6 +23,7 @@ from finetune.failures import report_user_errors
 from finetune.distributed import ddp_ranks_join_this_job
 from finetune.errors import ConfigError
 from finetune.feature_drift import feature_drift
+from finetune.lightning_internals import wandb_run_started
 
 log = logging.getLogger("finetune")
 PREDICTIONS_FILE = "predictions.csv"
@@ -108,7 +109,7 @@ def finish_tracker_runs(loggers: list) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        if isinstance(logger, WandbLogger) and wandb_run_started(logger):
             logger.experiment.finish()
 
 

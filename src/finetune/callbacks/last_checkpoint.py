@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from finetune.lightning_internals import checkpoint_every_n_train_steps, last_saved_step, save_last
+
 
 class LastCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str | None = None, every_n_train_steps: int | None = None):
@@ -21,15 +23,15 @@ class LastCheckpoint(ModelCheckpoint):
         return not (trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        every = self._every_n_train_steps
-        if every and trainer.global_step % every == 0 and self._last_global_step_saved != trainer.global_step \
+        every = checkpoint_every_n_train_steps(self)
+        if every and trainer.global_step % every == 0 and last_saved_step(self) != trainer.global_step \
                 and self._writes_now(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            save_last(self, trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # also when a step checkpoint was just written at this global step: the epoch's end is a later state
         if self._writes_now(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            save_last(self, trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         """Validation writes nothing here: the epoch's end follows it."""

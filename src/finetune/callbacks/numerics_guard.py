@@ -12,6 +12,7 @@ from lightning import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from finetune.errors import ConfigError
+from finetune.lightning_internals import checkpoint_every_n_train_steps
 
 
 class NonFiniteLossError(ConfigError):
@@ -40,8 +41,8 @@ class NonFiniteLossGuard(Callback):
     def on_train_start(self, trainer, module) -> None:
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=module.device)
         self.first_bad_loss = torch.zeros((), dtype=torch.float32, device=module.device)
-        self.checkpoint_every = [c._every_n_train_steps for c in trainer.callbacks
-                                 if isinstance(c, ModelCheckpoint) and c._every_n_train_steps]
+        self.checkpoint_every = [checkpoint_every_n_train_steps(c) for c in trainer.callbacks
+                                 if isinstance(c, ModelCheckpoint) and checkpoint_every_n_train_steps(c)]
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

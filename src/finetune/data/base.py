@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Su
 
 from finetune.data.preprocessing import normalisation_tensors, to_model_input
 from finetune.errors import ConfigError
+from finetune.lightning_internals import batches_done
 
 SPLITS = ("train", "val", "test")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -108,12 +109,6 @@ class IndexBatchLoader:
         for position, index in enumerate(self.sampler.batches(self.dataset.device)):
             if position >= done:
                 yield self.dataset[index]
-
-
-def batches_done(trainer) -> int:
-    """How many training batches of the current epoch were already stepped: after a mid-epoch restart, what
-    Lightning restored from the checkpoint (fit_loop.epoch_loop.batch_progress, read on Lightning 2.6), else 0."""
-    return trainer.fit_loop.epoch_loop.batch_progress.current.ready if trainer is not None else 0
 
 
 class WorkerBatchLoader:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from finetune.errors import ConfigError
+from finetune.lightning_internals import find_unused_parameters
 from finetune.names import is_under, module_path, nested, under_any
 from finetune.optim import backbone_layers, check_part_names
 from finetune.strategies.base import FreezingStrategy, Phase, batchnorm_tensors, phase_field_names
@@ -185,9 +186,7 @@ class GradualUnfreezing(FreezingStrategy):
             for name, param in module.named_parameters():
                 param.requires_grad_(name in self.ever_trainable)
             self._entered = None
-            ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
-            if isinstance(ddp_kwargs, dict):
-                ddp_kwargs["find_unused_parameters"] = True
+            find_unused_parameters(trainer.strategy)
 
     def check_epochs(self, max_epochs: int | None) -> None:
         explicit = sum(p.epochs or 0 for p in self.phase_list)
