@@ -93,6 +93,24 @@ def test_a_whole_crop_without_flip_is_the_resized_image():
         assert torch.equal(out, images), method
 
 
+@pytest.mark.parametrize("augment", ["random_resized_crop", "flip"])
+def test_store_batches_augmented_in_cpu_workers_equal_those_augmented_in_process(tmp_path, augment):
+    """A CPU run with workers crops in the workers (a core each); the crops are the same function of (seed, epoch,
+    index) as on the device, so the model input is bitwise the same."""
+    root = noisy_folder(tmp_path / "images", sizes=((50, 37), (37, 61), (64, 64), (45, 90)) * 4)
+    batches = {}
+    for workers in (0, 2):
+        images, _ = build(compose_config(tmp_path, image_run(root, "data.store=true", f"data.augment={augment}",
+                                                             f"data.num_workers={workers}")))
+        images.prepare_data()
+        loader = images.split_loader("train", 4, shuffle=True, drop_last=True)
+        assert (type(loader).__name__ == "WorkerBatchLoader") == (workers > 0)
+        batches[workers] = [images.on_after_batch_transfer(batch, 0) for batch in loader]
+    assert len(batches[0]) == len(batches[2]) == 7  # 28 train images (4 of 32 held out to test)
+    for (inputs, labels), (expected, expected_labels) in zip(batches[2], batches[0]):
+        assert torch.equal(labels, expected_labels) and torch.equal(inputs, expected)
+
+
 def test_a_changed_file_changes_the_stores_key_and_is_decoded_again(tmp_path):
     from PIL import Image
 
@@ -112,12 +130,14 @@ def test_a_changed_file_changes_the_stores_key_and_is_decoded_again(tmp_path):
     assert red.sum() == 1
 
 
-@pytest.mark.parametrize("store", ["false", "true"])
-def test_killed_mid_epoch_with_random_augmentation_and_resumed_gives_the_uninterrupted_weights_bitwise(tmp_path, store):
+@pytest.mark.parametrize("store,workers", [("false", 2), ("true", 0), ("true", 2)])
+def test_killed_mid_epoch_with_random_augmentation_and_resumed_gives_the_uninterrupted_weights_bitwise(tmp_path, store,
+                                                                                                       workers):
+    """PIL in workers; the store augmented in this process; the store augmented in CPU workers."""
     root = make_image_folder(tmp_path / "images", per_class=12)  # 22 train images (2 held out to test), batch 4: 5 steps
     run = image_run(root, "strategy=freeze", "data.augment=random_resized_crop", f"data.store={store}",
                     "trainer.deterministic=true", "callbacks.last_checkpoint.every_n_train_steps=2",
-                    f"data.num_workers={0 if store == 'true' else 2}")
+                    f"data.num_workers={workers}")
     straight = start_cli("finetune.train", *run, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path,
                          log=tmp_path / "straight.log")
     killed_dir = tmp_path / "killed"

@@ -28,7 +28,8 @@ SMALL = ["++data.image_size=32", "++data.batch_size=16", "trainer.max_epochs=1",
          "++trainer.limit_val_batches=2", "++trainer.limit_test_batches=2", "trainer.enable_progress_bar=false",
          "~callbacks.progress_bar"]
 # how each kind of command is run here; `kind(command)` decides
-NOT_HERE = {"setup": "CI runs the setup command itself (.ci/run)", "tests": "the test command is this suite"}
+NOT_HERE = {"setup": "CI runs the setup command itself (.ci/run)", "tests": "the test command is this suite",
+            "cluster": "needs a SLURM cluster (tests/test_compare.py composes the sweep it starts)"}
 
 
 def readme_commands() -> list[str]:
@@ -53,11 +54,13 @@ def kind(command: str) -> str | None:
             return "offline"
         return "train"
     if words[0] == "finetune-compare":
+        if "hydra/launcher=slurm" in words:
+            return "cluster"
         return "compare_from" if any(w.startswith("from=") for w in words) else "compare"
     if words[0] in ("finetune-eval", "finetune-cache", "finetune-predict", "finetune-export"):
         return words[0].removeprefix("finetune-")
     if words[0] == "finetune-bench":
-        if words[1:2] in (["cache"], ["loader"]):
+        if words[1:2] in (["cache"], ["loader"], ["storage"]):
             return f"bench_{words[1]}"
         return "bench_cuda" if "cuda" in words else "bench"
     return None
@@ -259,6 +262,13 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         report = json.loads(out.read_text())
         assert [r["images"] for r in report["rows"]] == [80, 80], "80 train images (10 val, 10 test): 10 batches"
         assert report["decoded_by_store_build"] == 100 and report["store_over_pil"] > 0
+    elif how == "bench_storage":
+        from finetune.bench import main as bench_main
+
+        out = tmp_path / "bench_storage.json"
+        bench_main([*words[1:], "--rows", "200", "--size", "16", "--libraries", "npy", "safetensors",
+                    "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+        assert [r["library"] for r in json.loads(out.read_text())["results"]] == ["npy", "safetensors"]
     elif how in ("bench", "bench_cuda"):
         from finetune.bench import benchmark
 

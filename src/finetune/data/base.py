@@ -131,6 +131,10 @@ class WorkerBatchLoader:
 
     def __iter__(self):
         done, epoch = batches_done(self.trainer), self.sampler.epoch
+        if getattr(self.dataset, "whole_batches", False):  # the dataset makes a whole batch from (indices, epoch)
+            batches = [(batch, epoch) for batch in self.sampler.batches()[done:]]
+            yield from DataLoader(self.dataset, sampler=batches, batch_size=None, **self.loader_options)
+            return
         batches = [[(index, epoch) for index in batch.tolist()] for batch in self.sampler.batches()[done:]]
         yield from DataLoader(SeededSamples(self.dataset, self.seed), batch_sampler=batches, **self.loader_options)
 

@@ -3,7 +3,8 @@
 - PIL (default): DataLoader workers decode every image every epoch; CPU transforms produce uint8 tensors at the final
   size, each sample's augmentation seeded by (seed, epoch, index); the device normalises.
 - the store (`data.store=true`): every image decoded once into memory-mapped uint8 shards (`image_store.py`), batches
-  gathered by index, augmentation (random-resized-crop, flip) on the device, seeded the same way.
+  gathered by index, augmentation (random-resized-crop, flip) on the device, seeded the same way; a CPU run with
+  DataLoader workers crops in the workers instead (its device is the CPU: a core each rather than one).
 
 Both resume exactly mid-epoch: the epoch order is seeded, the batches already stepped are skipped, and a sample's
 augmentation depends on (seed, epoch, index) only."""
@@ -18,8 +19,7 @@ from torchvision.transforms import v2
 from finetune.data.base import (ImageDataModule, IndexBatchSampler, WorkerBatchLoader, index_batch_loader,
                                 world_and_rank)
 from finetune.data.decode import DECODERS
-from finetune.data.device_augment import random_resized_crop_flip, uniform
-from finetune.data.image_store import ImageStore, RowSubset, StoredImages, eval_crop
+from finetune.data.image_store import AugmentedStoreBatches, ImageStore, RowSubset, StoredImages, augment_stored
 from finetune.data.preprocessing import eval_geometry, eval_resize_size
 from finetune.errors import ConfigError
 
@@ -58,6 +58,10 @@ class FileImageDataModule(ImageDataModule):
                               f"{self.eval_resize}; use null or more")
 
     @property
+    def training_device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    @property
     def image_source(self) -> str | dict:
         """Where eval images come from, for the feature cache key: "files" also for a PIL-decoded store at the eval
         resize (its eval crops are the PIL path's pixels); a larger store resizes again, and another decoder may
@@ -85,6 +89,12 @@ class FileImageDataModule(ImageDataModule):
         if self.store is not None:  # batches by index from the map; a train batch carries its indices to augment
             augment = shuffle and split == "train" and self.augment != "none"
             dataset = self._stored(split, crop=not augment, pin_memory=torch.cuda.is_available())
+            if augment and self.num_workers > 0 and self.training_device.type == "cpu":
+                # training on the CPU: augment in the workers, a core each, rather than in this one process
+                world, rank = world_and_rank(self.trainer)
+                batches = IndexBatchSampler(len(dataset), batch_size, True, drop_last, world, rank, self.seed)
+                return WorkerBatchLoader(AugmentedStoreBatches(dataset, self.seed, self.augment), batches, self.trainer,
+                                         self.seed, num_workers=self.num_workers)
             return index_batch_loader(dataset, batch_size, shuffle, drop_last, self.trainer, self.seed)
         dataset: Dataset = self.split_dataset(split, train_transforms=shuffle and split == "train")
         workers = self.num_workers
@@ -107,10 +117,6 @@ class FileImageDataModule(ImageDataModule):
             return super().on_after_batch_transfer(batch, dataloader_idx)
         images, labels, index = batch  # stored squares of a training batch (uint8): augment on the device
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        if self.augment == "random_resized_crop":
-            images = random_resized_crop_flip(images, index, self.seed, epoch, self.image_size)
-        else:  # flip: the eval crop, flipped per sample
-            images = eval_crop(images, self.image_size, self.eval_resize, self.preprocessing["interpolation"])
-            flip = uniform(self.seed, epoch, index.to(images.device), 0) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        images = augment_stored(images, index, self.seed, epoch, self.augment, self.image_size, self.eval_resize,
+                                self.preprocessing["interpolation"])
         return self.preprocess(images), labels

@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from finetune.data import preprocessing as preprocessing_module
 from finetune.data.decode import decode_device, decoded_batches
+from finetune.data.device_augment import random_resized_crop_flip, uniform
 from finetune.data.feature_cache import FeatureCache
 from finetune.data.shard_store import Column, Entry, MappedEntry, default_rows_per_shard
 from finetune.progress import Progress
@@ -89,6 +90,38 @@ class StoredImages:
         if not self.crop:
             return (images.pin_memory() if self.pin_memory else images), labels, indices
         return eval_crop(images, self.image_size, self.eval_resize, self.interpolation), labels
+
+
+class AugmentedStoreBatches:
+    """Training batches of the store augmented where they are gathered, in DataLoader workers: for a CPU run, whose
+    device is the CPU, this spreads the per-sample crop and resize over the workers' cores instead of one process.
+    Item (indices, epoch) -> (uint8 [B, 3, size, size], labels): the crops device augmentation would draw there, a
+    function of (seed, epoch, index) only."""
+
+    whole_batches = True
+
+    def __init__(self, stored: StoredImages, seed: int, augment: str):
+        self.stored, self.seed, self.augment = stored, seed, augment
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    def __getitem__(self, key: tuple[torch.Tensor, int]):
+        indices, epoch = key
+        images, labels, indices = self.stored[indices]
+        return augment_stored(images, indices, self.seed, epoch, self.augment, self.stored.image_size,
+                              self.stored.eval_resize, self.stored.interpolation), labels
+
+
+def augment_stored(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int, augment: str, size: int,
+                   eval_resize: int, interpolation: str) -> torch.Tensor:
+    """Stored squares (uint8, any device) -> the training crops: random-resized-crop and flip, or (augment=flip)
+    the eval crop flipped per sample; each sample's draw a function of (seed, epoch, index)."""
+    if augment == "random_resized_crop":
+        return random_resized_crop_flip(images, indices, seed, epoch, size)
+    images = eval_crop(images, size, eval_resize, interpolation)
+    flip = uniform(seed, epoch, indices.to(images.device), 0) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
 class RowSubset:
