@@ -44,6 +44,8 @@ def collect_runs(folder: str | Path) -> list[dict]:
             continue
         metrics = json.loads((run_dir / "metrics.json").read_text())
         metrics["run_dir"] = str(run_dir)
+        if "val_acc" in metrics and "best_val_acc" not in metrics:  # written before 2026-11-30, monitoring val/acc
+            metrics["best_val_acc"] = metrics.pop("val_acc")
         rows.append(metrics)
     return sorted(rows, key=lambda m: (bool(m.get("failed")), -(m.get("trainable_params") or 0),
                                        -(m.get("fit_seconds") or 0), m.get("strategy", ""), m["run_dir"]))
