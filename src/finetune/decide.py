@@ -80,9 +80,11 @@ def check_pairable(runs: list[dict]) -> None:
     """Runs to be paired must share one test split (same data, same split, same samples)."""
     splits = {run.get("test_split_id") for run in runs}
     if len(splits) > 1:
-        examples = ", ".join(sorted(f"{run['strategy']} seed {run.get('seed')}: {run.get('test_split_id')}"
-                                    for run in runs)[:4])
-        raise ConfigError(f"the runs were tested on {len(splits)} different splits or datasets ({examples}, ...): "
+        first = {}
+        for run in runs:
+            first.setdefault(run.get("test_split_id"), f"{Path(run['run_dir']).name} on {run.get('test_split_id')}")
+        examples = ", ".join(list(first.values())[:4])
+        raise ConfigError(f"the runs were tested on {len(splits)} different splits or datasets (e.g. {examples}): "
                           f"paired tests would be meaningless; compare runs of one data config and data.split_seed")
     seen = set()
     for run in runs:
