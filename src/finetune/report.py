@@ -199,19 +199,26 @@ def plot(summary: dict, path: Path, title: str) -> None:
         memory.annotate(f" {row['peak_memory_mb']:,.0f}", (row["peak_memory_mb"], i), ha="left", va="center",
                         fontsize=8)
     memory.margins(x=0.2)
-    shown = list(dict.fromkeys(s for s in (decision.get("best"), decision.get("by_time")) if s))
+    roles: dict[str, list[str]] = {}
+    for role, strategy in (("most accurate", decision.get("best")), ("recommended by fit time", decision.get("by_time")),
+                           ("recommended by parameters", decision.get("by_params"))):
+        if strategy:
+            roles.setdefault(strategy, []).append(role)
     per_class = summary.get("per_class", {})
-    width = 0.8 / max(len(shown), 1)
-    for k, strategy in enumerate(shown):
+    width = 0.8 / max(len(roles), 1)
+    lowest = 100.0
+    for k, (strategy, said) in enumerate(roles.items()):
         accuracy = per_class.get(strategy, {})
         labels = sorted(accuracy)
-        classes.bar([i + k * width for i in range(len(labels))], [100 * accuracy[c] for c in labels], width,
-                    color=colors[names.index(strategy)],
-                    label=f"{strategy} ({'most accurate' if strategy == decision.get('best') else 'recommended'})")
-        classes.set_xticks([i + width * (len(shown) - 1) / 2 for i in range(len(labels))], [str(c) for c in labels])
+        values = [100 * accuracy[c] for c in labels]
+        lowest = min([lowest, *values])
+        classes.bar([i + k * width for i in range(len(labels))], values, width, color=colors[names.index(strategy)],
+                    label=f"{strategy} ({', '.join(said)})")
+        classes.set_xticks([i + width * (len(roles) - 1) / 2 for i in range(len(labels))], [str(c) for c in labels])
+    classes.set_ylim(max(lowest - 10, 0), 100.5)
     classes.set_xlabel("class")
     classes.set_ylabel("test accuracy, % (all seeds)")
-    classes.set_title("per class: the most accurate and the recommended (by fit time)")
+    classes.set_title("per class: the most accurate and the recommended")
     classes.legend(fontsize=8, loc="lower right")
     classes.grid(True, axis="y", alpha=0.3)
     fig.suptitle(title + ("\n" + decision["lines"][0] if decision.get("lines") else ""), fontsize=10)
