@@ -1,4 +1,4 @@
-"""data=fake at scale: generated in seeded blocks, so a sample depends on (seed, split, index) only."""
+"""data=fake at scale: generated in seeded blocks, so a sample depends on (split_seed, split, index) only."""
 
 from __future__ import annotations
 
@@ -7,17 +7,19 @@ import torch
 from finetune.data.fake import BLOCK, FakeDataModule
 
 
-def test_a_sample_depends_on_seed_split_and_index_only_not_on_how_many_are_made():
-    small = FakeDataModule(num_samples=10, native_size=8, seed=3).splits
-    large = FakeDataModule(num_samples=BLOCK + 100, native_size=8, seed=3).splits
+def test_a_sample_depends_on_split_seed_split_and_index_only_not_on_how_many_are_made():
+    small = FakeDataModule(num_samples=10, native_size=8, split_seed=3).splits
+    large = FakeDataModule(num_samples=BLOCK + 100, native_size=8, split_seed=3).splits
     for split in ("train", "val", "test"):
         count = len(small[split][0])
         assert torch.equal(small[split][0], large[split][0][:count])
         assert torch.equal(small[split][1], large[split][1][:count])
     assert not torch.equal(large["train"][0][:2], large["val"][0][:2]), "splits draw their own samples"
-    other = FakeDataModule(num_samples=10, native_size=8, seed=4).splits
-    assert not torch.equal(other["train"][0], small["train"][0]), "another seed, other images"
-    again = FakeDataModule(num_samples=BLOCK + 100, native_size=8, seed=3).splits
+    other = FakeDataModule(num_samples=10, native_size=8, split_seed=4).splits
+    assert not torch.equal(other["train"][0], small["train"][0]), "another split_seed, other images"
+    trained_otherwise = FakeDataModule(num_samples=10, native_size=8, split_seed=3, seed=7).splits
+    assert torch.equal(trained_otherwise["train"][0], small["train"][0]), "the training seed leaves the data alone"
+    again = FakeDataModule(num_samples=BLOCK + 100, native_size=8, split_seed=3).splits
     assert torch.equal(again["train"][0], large["train"][0]) and torch.equal(again["train"][1], large["train"][1])
 
 

@@ -188,7 +188,8 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
             launcher: the same jobs without eleven interpreters' imports (tests/test_compare.py runs the real
             launcher's subprocesses)."""
             assert command[1:4] == ["-m", "finetune.train", "-m"]
-            return run_main(command[2], *command[3:], "hydra/launcher=basic", cwd=tmp_path).returncode
+            words = [w for w in command[3:] if not w.startswith(("hydra/launcher=", "hydra.launcher."))]
+            return run_main(command[2], *words, "hydra/launcher=basic", cwd=tmp_path).returncode
 
         monkeypatch.setattr(compare, "run_sweep", sweep_in_this_process)
         out = tmp_path / "compare"
