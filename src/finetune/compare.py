@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from finetune.config import CONFIG_DIR
 from finetune.failures import report_user_errors
 from finetune.errors import ConfigError
-from finetune.report import collect_runs, format_text, succeeded, summarise, write_report
+from finetune.report import collect_runs, format_text, succeeded, write_report
 
 log = logging.getLogger("finetune")
 OWN_KEYS = ("from", "hydra.", "hydra/", "compare.", "strategy=", "task_name")
@@ -100,7 +100,6 @@ def main(cfg: DictConfig) -> None:
         if not succeeded(rows):
             raise ConfigError(f"every run failed; see the train.log files under {output_dir}")
         expected = [f"{s}_seed{seed}" for s in strategies for seed in seeds]
-    summarise(rows, alpha)  # refuses runs that cannot be paired before anything is written
     paths, summary = write_report(rows, output_dir, title=cfg.compare.title, alpha=alpha)
     print(format_text(summary))
     reported = {Path(r["run_dir"]).name for r in rows}

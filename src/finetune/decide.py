@@ -38,12 +38,6 @@ def load_labels_and_predicted(run: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.array([r[1] for r in rows], dtype=np.int64), np.array([r[2] for r in rows], dtype=np.int64)
 
 
-def load_correct(run: dict) -> np.ndarray:
-    """Per test sample (by index) whether the run predicted its label."""
-    labels, predicted = load_labels_and_predicted(run)
-    return labels == predicted
-
-
 def bootstrap_interval(correct: np.ndarray, level: float = LEVEL, resamples: int = RESAMPLES,
                        seed: int = 0) -> tuple[float, float]:
     """Percentile interval of the mean accuracy of `correct` [seeds, samples], resampling seeds and samples."""
@@ -107,9 +101,12 @@ def decide(runs: list[dict], alpha: float = 0.05) -> dict:
     check_pairable(with_predictions)
     by_strategy: dict[str, dict[int, np.ndarray]] = {}
     runs_of: dict[str, list[dict]] = {}
+    loaded = []  # (strategy, labels, predicted) of every run: each predictions.csv is read once
     for run in with_predictions:
-        by_strategy.setdefault(run["strategy"], {})[run.get("seed")] = load_correct(run)
+        labels, predicted = load_labels_and_predicted(run)
+        by_strategy.setdefault(run["strategy"], {})[run.get("seed")] = labels == predicted
         runs_of.setdefault(run["strategy"], []).append(run)
+        loaded.append((run["strategy"], labels, predicted))
     stats = {}
     for strategy, per_seed in by_strategy.items():
         correct = np.stack([per_seed[s] for s in sorted(per_seed, key=str)])
@@ -137,7 +134,8 @@ def decide(runs: list[dict], alpha: float = 0.05) -> dict:
     cheapest_time = min(tied, key=lambda s: (stats[s]["fit_cost_seconds"], s))
     cheapest_params = min(tied, key=lambda s: (stats[s]["trainable_params"] or 0, stats[s]["fit_cost_seconds"]))
     return {"strategies": stats, "best": best, "alpha": alpha, "by_time": cheapest_time, "by_params": cheapest_params,
-            "lines": recommendation_lines(stats, best, cheapest_time, cheapest_params, alpha)}
+            "lines": recommendation_lines(stats, best, cheapest_time, cheapest_params, alpha),
+            "per_class": per_class_accuracy(loaded)}
 
 
 def _acc(stats: dict, strategy: str) -> str:
@@ -174,15 +172,12 @@ def recommendation_lines(stats: dict, best: str, by_time: str, by_params: str, a
     return lines
 
 
-def per_class_accuracy(runs: list[dict]) -> dict[str, dict[int, float]]:
-    """{strategy: {class: accuracy}} over every seed's test predictions."""
+def per_class_accuracy(loaded: list[tuple[str, np.ndarray, np.ndarray]]) -> dict[str, dict[int, float]]:
+    """{strategy: {class: accuracy}} over every seed's test predictions, from (strategy, labels, predicted) per run."""
     totals: dict[str, dict[int, list[int]]] = {}
-    for run in runs:
-        if not has_predictions(run):
-            continue
-        labels, predicted = load_labels_and_predicted(run)
+    for strategy, labels, predicted in loaded:
         for label in np.unique(labels):
-            right, count = totals.setdefault(run["strategy"], {}).setdefault(int(label), [0, 0]), labels == label
+            right, count = totals.setdefault(strategy, {}).setdefault(int(label), [0, 0]), labels == label
             right[0] += int(np.sum(predicted[count] == label))
             right[1] += int(np.sum(count))
     return {strategy: {label: right / count for label, (right, count) in sorted(classes.items())}

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from finetune.failures import FAILURE_FILE
-from finetune.decide import decide, per_class_accuracy
+from finetune.decide import decide
 
 COLUMNS = [  # (key of a strategy's row: metrics.json's, averaged over seeds, or decide's; column header, format)
     ("strategy", "strategy", "{}"),
@@ -204,7 +204,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
                            ("recommended by parameters", decision.get("by_params"))):
         if strategy:
             roles.setdefault(strategy, []).append(role)
-    per_class = summary.get("per_class", {})
+    per_class = decision.get("per_class", {})
     width = 0.8 / max(len(roles), 1)
     lowest = 100.0
     for k, (strategy, said) in enumerate(roles.items()):
@@ -236,8 +236,7 @@ def write_report(rows: list[dict], output_dir: str | Path, title: str = "strateg
     comparison_per_class.csv in `output_dir`; returns their paths and the summary."""
     if not succeeded(rows):
         raise ValueError(f"no runs with a metrics.json under {output_dir}")
-    summary = summarise(rows, alpha)
-    summary["per_class"] = per_class_accuracy(succeeded(rows))
+    summary = summarise(rows, alpha)  # refuses runs that cannot be paired before anything is written
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: output_dir / f"comparison.{kind}" for kind in ("csv", "md", "png")}
@@ -250,11 +249,12 @@ def write_report(rows: list[dict], output_dir: str | Path, title: str = "strateg
             writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(table)
-    classes = sorted({c for accuracy in summary["per_class"].values() for c in accuracy})
+    per_class = summary["decision"].get("per_class", {})
+    classes = sorted({c for accuracy in per_class.values() for c in accuracy})
     with open(paths["per_class"], "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["strategy", *[f"class_{c}" for c in classes]])
-        for strategy, accuracy in summary["per_class"].items():
+        for strategy, accuracy in per_class.items():
             writer.writerow([strategy, *[f"{accuracy[c]:.4f}" if c in accuracy else "" for c in classes]])
     first = strategies[0]
     header = (f"# {title}\n\nbackbone `{first.get('backbone')}`, data `{first.get('data')}`, "

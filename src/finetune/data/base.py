@@ -180,6 +180,11 @@ class SplitLoaders(LightningDataModule):
     batch_size: int
     eval_batch_size: int
 
+    @property
+    def training_device(self) -> torch.device:
+        """Where the run trains (its root device), the CPU outside a trainer."""
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
     def train_dataloader(self):
         """One rule for every datamodule and rank (IndexBatchSampler): the last partial batch of a rank is dropped
         only when the rank has more than one batch; an epoch with no batch at all is refused in one line."""

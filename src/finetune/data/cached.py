@@ -178,7 +178,7 @@ class CachedFeatureDataModule(SplitLoaders):
     def setup(self, stage: str | None = None) -> None:
         if self.splits or self.resident:
             return
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        device = self.training_device
         problem = self.cache.writable()
         if problem is not None:
             fallback = temporary_cache()

@@ -58,10 +58,6 @@ class FileImageDataModule(ImageDataModule):
                               f"{self.eval_resize}; use null or more")
 
     @property
-    def training_device(self) -> torch.device:
-        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-
-    @property
     def image_source(self) -> str | dict:
         """Where eval images come from, for the feature cache key: "files" also for a PIL-decoded store at the eval
         resize (its eval crops are the PIL path's pixels); a larger store resizes again, and another decoder may
@@ -88,8 +84,10 @@ class FileImageDataModule(ImageDataModule):
     def split_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False):
         if self.store is not None:  # batches by index from the map; a train batch carries its indices to augment
             augment = shuffle and split == "train" and self.augment != "none"
-            dataset = self._stored(split, crop=not augment, pin_memory=torch.cuda.is_available())
-            if augment and self.num_workers > 0 and self.training_device.type == "cpu":
+            in_workers = augment and self.num_workers > 0 and self.training_device.type == "cpu"
+            # batches pinned only when they go on to a GPU (not those the CPU workers crop)
+            dataset = self._stored(split, crop=not augment, pin_memory=torch.cuda.is_available() and not in_workers)
+            if in_workers:
                 # training on the CPU: augment in the workers, a core each, rather than in this one process
                 world, rank = world_and_rank(self.trainer)
                 batches = IndexBatchSampler(len(dataset), batch_size, True, drop_last, world, rank, self.seed)
