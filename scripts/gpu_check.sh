@@ -6,12 +6,27 @@
 # compare job fails alone, saying so); runs the project as modules, so it also works
 # where the console scripts are not installed (set PYTHONPATH=src).
 #   usage: scripts/gpu_check.sh OUTDIR        (PYTHON=python3.12 to pick the interpreter)
+# Time boxes for a lease of fixed length (seconds; 0 = none): LIMIT_TESTS LIMIT_BENCH LIMIT_LOADER LIMIT_CACHE
+# LIMIT_COMPARE. BENCH_STRATEGIES narrows the throughput table (default: every strategy config);
+# COMPARE_STRATEGIES the comparison (a Hydra list, e.g. [full,freeze,cached]; default: every strategy).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 status=0
+
+step() {  # step LIMIT command...: runs the command, killed after LIMIT seconds (0: no limit); a failure marks the check
+  local limit=$1; shift
+  if [ "$limit" -gt 0 ]; then timeout --kill-after=10 "$limit" "$@"; else "$@"; fi
+  local rc=$?
+  if [ $rc -ne 0 ]; then
+    status=1
+    [ $rc -eq 124 ] && echo "   (stopped at its ${limit}s time box)"
+  fi
+  return 0
+}
 
 echo "== device" | tee "$out/gpu.txt"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -19,22 +34,29 @@ echo "== device" | tee "$out/gpu.txt"
   date -u +%Y-%m-%dT%H:%M:%SZ; } 2>&1 | tee -a "$out/gpu.txt"
 
 echo "== GPU tests"
-"$py" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log" || status=1
+step "${LIMIT_TESTS:-0}" "$py" -m pytest -m gpu -q -p no:cacheprovider tests -o junit_family=xunit2 \
+  --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1
+tail -n 25 "$out/gpu_tests.log"
 
 echo "== benchmark (224 px, batch 256)"
-"$py" -m finetune.bench --device cuda --models efficientnet_lite0 resnet50 --image-size 224 --batch-size 256 \
-  --out "$out/bench.json" 2>&1 | grep -vE "Warning|warnings.warn|LitLogger|Tip:" | tee "$out/bench.log" || status=1
+read -r -a strategies <<< "${BENCH_STRATEGIES:-}"
+step "${LIMIT_BENCH:-0}" "$py" -m finetune.bench --device cuda --models efficientnet_lite0 resnet50 --image-size 224 \
+  --batch-size 256 ${strategies[@]:+--strategies "${strategies[@]}"} --out "$out/bench.json" > "$out/bench.log" 2>&1
+grep -vE "Warning|warnings.warn|LitLogger|Tip:" "$out/bench.log" | tail -n 30
 
 echo "== loader: 10,000 JPEGs, PIL path against the store (nvJPEG decode, roi_align augmentation on the GPU)"
-"$py" -m finetune.bench loader --device cuda --work-dir "$out/bench_loader_work" --out "$out/bench_loader.json" \
-  2>&1 | grep -vE "Warning|warnings.warn" | tail -n 6 | tee "$out/bench_loader.log" || status=1
+step "${LIMIT_LOADER:-0}" "$py" -m finetune.bench loader --device cuda --work-dir "$out/bench_loader_work" \
+  --out "$out/bench_loader.json" > "$out/bench_loader.log" 2>&1
+grep -vE "Warning|warnings.warn" "$out/bench_loader.log" | tail -n 8
 
 echo "== feature cache: build, hit and resume at 50k rows (extraction on the GPU)"
-"$py" -m finetune.bench cache --sizes 50000 --work-dir "$out/bench_cache_work" \
-  --out "$out/bench_cache.json" 2>&1 | tail -n 8 | tee "$out/bench_cache.log" || status=1
+step "${LIMIT_CACHE:-0}" "$py" -m finetune.bench cache --sizes 50000 --work-dir "$out/bench_cache_work" \
+  --out "$out/bench_cache.json" > "$out/bench_cache.log" 2>&1
+tail -n 10 "$out/bench_cache.log"
 
 echo "== finetune-compare, 1 epoch on the default data, one seed"
-"$py" -m finetune.compare trainer.max_epochs=1 "compare.seeds=[42]" "hydra.run.dir=$out/compare" ~callbacks.progress_bar \
-  > "$out/compare.log" 2>&1 || status=1
-tail -n 8 "$out/compare.log"
+step "${LIMIT_COMPARE:-0}" "$py" -m finetune.compare trainer.max_epochs=1 "compare.seeds=[42]" \
+  ${COMPARE_STRATEGIES:+"compare.strategies=$COMPARE_STRATEGIES"} "hydra.run.dir=$out/compare" \
+  ~callbacks.progress_bar > "$out/compare.log" 2>&1
+tail -n 20 "$out/compare.log"
 exit $status
