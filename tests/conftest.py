@@ -43,11 +43,12 @@ def snapshot(module) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in [*module.named_parameters(), *module.named_buffers()]}
 
 
-def fit(cfg, *, test: bool = False):
-    """Fit a composed config in-process; returns (trainer, module, datamodule)."""
+def fit(cfg, *, test: bool = False, callbacks: tuple = ()):
+    """Fit a composed config in-process (with `callbacks` added to the config's); returns (trainer, module,
+    datamodule)."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
+    trainer = instantiate(cfg.trainer, callbacks=[*instantiate_all(cfg.get("callbacks")), *callbacks],
                           logger=instantiate_all(cfg.get("logger"), "logger") or False)
     trainer.fit(module, datamodule=datamodule)
     if test:

@@ -18,15 +18,25 @@ pytestmark = pytest.mark.gpu
 ON_GPU = [o.replace("trainer.accelerator=cpu", "trainer.accelerator=gpu") for o in TINY]
 
 
+class SeenInFit(L.Callback):
+    """The module as it trains: after fit, Lightning's teardown moves it back to the CPU (Strategy.teardown) and
+    reverts SyncBatchNorm to BatchNorm (DDPStrategy.teardown), so a check made after fit sees neither."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.device = module.device.type
+        self.sync_batchnorm = any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules())
+
+
 @pytest.mark.parametrize("strategy", ["full", "freeze", "no_grad", "cached", "bitfit", "norm", "lora"])
 def test_strategy_on_gpu_uses_the_fast_paths_and_freezes_exactly(tmp_path, strategy):
     if strategy == "lora":
         pytest.importorskip("peft")
     cfg = compose_config(tmp_path, [*ON_GPU, f"strategy={strategy}"])
     before = initial_state(cfg)
-    trainer, module, datamodule = fit(cfg)
+    seen = SeenInFit()
+    trainer, module, datamodule = fit(cfg, callbacks=(seen,))
     after = {n: t.cpu() for n, t in snapshot(module).items()}
-    assert str(trainer.precision) == "bf16-mixed" and module.device.type == "cuda"
+    assert str(trainer.precision) == "bf16-mixed" and seen.device == "cuda"
     assert module.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     frozen = module.strategy.frozen_names(module)  # bf16 autocast must not touch a frozen weight or buffer
     assert strategy == "full" or frozen
@@ -108,6 +118,7 @@ def test_sync_batchnorm_under_ddp_keeps_frozen_batchnorm_frozen(tmp_path, strate
 
     chosen = GRADUAL if strategy == "gradual" else ["strategy=freeze"]
     cfg = compose_config(tmp_path, [*ON_GPU, *chosen, "+trainer.strategy=ddp", "+trainer.sync_batchnorm=true"])
-    trainer, module, _ = fit(cfg)
-    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules()), "Lightning converted them"
+    seen = SeenInFit()
+    fit(cfg, callbacks=(seen,))
+    assert seen.device == "cuda" and seen.sync_batchnorm, "Lightning converted them while training"
     assert json.loads((tmp_path / "param_audit.json").read_text())["violations"] == []
