@@ -367,3 +367,20 @@ def test_the_code_digest_covers_the_preprocessing_module(tiny, tmp_path, monkeyp
     monkeypatch.setattr(preprocessing, "__file__", str(edited))
     assert cached.code_versions(images)["source"] != before
 
+
+
+def test_cached_trains_from_a_source_checkout_that_was_never_installed(tiny, monkeypatch):
+    """PYTHONPATH=src without `pip install` has no package metadata (seen on a GPU machine without pip access): the
+    cache key says "source" for the version, and the source digest still tells code changes apart."""
+    import importlib.metadata
+
+    import finetune
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert finetune.package_version() == "source"
+    cfg = tiny("strategy=cached", "trainer.max_epochs=1")
+    trainer, module, datamodule = fit(cfg)
+    assert datamodule.identity(torch.device("cpu"))["code"]["finetune"] == "source"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import importlib.metadata
 import inspect
 import logging
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finetune import package_version
 from finetune.callbacks.run_meter import peak_memory_mb, reset_peak_memory
 from finetune.config import auto_precision
 from finetune.data import preprocessing
@@ -56,7 +56,7 @@ def code_versions(images: ImageDataModule) -> dict:
     for source in filter(None, sources):
         digest.update(Path(source).read_bytes())
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-            "finetune": importlib.metadata.version("finetune"), "source": digest.hexdigest()[:16]}
+            "finetune": package_version(), "source": digest.hexdigest()[:16]}
 
 
 @torch.inference_mode()

@@ -14,7 +14,6 @@ the map is a channels-last view, the layout torch's antialiased uint8 resize is 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import logging
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from finetune import package_version
 from finetune.data import preprocessing as preprocessing_module
 from finetune.data.decode import decode_device, decoded_batches
 from finetune.data.device_augment import random_resized_crop_flip, uniform
@@ -181,7 +181,7 @@ class ImageStore:
                 "geometry": "shorter side to store_size, the square aligned with the eval centre crop",
                 "layout": "HWC", "decoder": self.decoder,
                 "code": {"torchvision": torchvision.__version__, "pillow": PIL.__version__,
-                         "finetune": importlib.metadata.version("finetune"), "source": store_code_digest()}}
+                         "finetune": package_version(), "source": store_code_digest()}}
 
     def prepare(self, rank: int = 0) -> None:
         """Build every split's entry that is missing or partial (a killed build resumes from its shards)."""
