@@ -34,7 +34,7 @@ EXTRA = {
                                    "trainer.strategy=auto"],
 }
 NEEDS_CUDA = {"trainer=gpu", "trainer=ddp"}
-TRAINED_ELSEWHERE = {"trainer=ddp_cpu": "tests/test_ddp.py (two gloo processes need the command line)",
+TRAINED_ELSEWHERE = {"trainer=ddp_cpu": "tests/run/test_ddp.py (two gloo processes need the command line)",
                      **{f"logger={name}": "tests/test_loggers.py (one run logged to all, read back from each store)"
                         for name in ("mlflow", "wandb", "many_loggers")}}
 

@@ -88,7 +88,7 @@ def test_the_store_decoded_on_the_gpu_trains_and_its_eval_pixels_match_pil(tmp_p
     """data.store_decode=auto on a GPU: JPEGs decoded by nvJPEG in batches, PNGs by PIL, resized on the GPU; eval
     pixels within a few levels of the PIL path (another JPEG decoder and a float resize; the figure goes in the
     GPU note), and a training run with device augmentation (roi_align) freezes exactly."""
-    from tests.test_image_store import image_run, noisy_folder
+    from tests.data.test_image_store import image_run, noisy_folder
 
     root = noisy_folder(tmp_path / "images")
     run = image_run(root, "data.store=true", f"data.store_dir={tmp_path / 'store'}")
@@ -112,9 +112,9 @@ def test_the_store_decoded_on_the_gpu_trains_and_its_eval_pixels_match_pil(tmp_p
 @pytest.mark.parametrize("strategy", ["gradual", "freeze"])
 def test_sync_batchnorm_under_ddp_keeps_frozen_batchnorm_frozen(tmp_path, strategy):
     """trainer.sync_batchnorm=true: Lightning swaps every BatchNorm for a SyncBatchNorm after the strategy prepared
-    the model; the frozen ones must still be in eval and unchanged (the audit checks; tests/test_staged.py simulates
+    the model; the frozen ones must still be in eval and unchanged (the audit checks; tests/strategies/test_staged.py simulates
     the swap on the CPU)."""
-    from tests.test_staged import GRADUAL
+    from tests.strategies.test_staged import GRADUAL
 
     chosen = GRADUAL if strategy == "gradual" else ["strategy=freeze"]
     cfg = compose_config(tmp_path, [*ON_GPU, *chosen, "+trainer.strategy=ddp", "+trainer.sync_batchnorm=true"])

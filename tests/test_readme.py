@@ -29,7 +29,7 @@ SMALL = ["++data.image_size=32", "++data.batch_size=16", "trainer.max_epochs=1",
          "~callbacks.progress_bar"]
 # how each kind of command is run here; `kind(command)` decides
 NOT_HERE = {"setup": "CI runs the setup command itself (.ci/run)", "tests": "the test command is this suite",
-            "cluster": "needs a SLURM cluster (tests/test_compare.py composes the sweep it starts)"}
+            "cluster": "needs a SLURM cluster (tests/compare/test_compare.py composes the sweep it starts)"}
 
 
 def readme_commands() -> list[str]:
@@ -181,11 +181,11 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         assert result["test_acc"] == pytest.approx(json.loads((main_run / "metrics.json").read_text())["test_acc"],
                                                    abs=0.005)
     elif how == "compare":
-        from finetune import compare
+        from finetune.compare.cli import cli as compare
 
         def sweep_in_this_process(command: list[str]) -> int:
             """The compare's `finetune-train -m` sweep, run by its main() in this process with Hydra's basic
-            launcher: the same jobs without eleven interpreters' imports (tests/test_compare.py runs the real
+            launcher: the same jobs without eleven interpreters' imports (tests/compare/test_compare.py runs the real
             launcher's subprocesses)."""
             assert command[1:4] == ["-m", "finetune.train", "-m"]
             words = [w for w in command[3:] if not w.startswith(("hydra/launcher=", "hydra.launcher."))]
@@ -197,7 +197,7 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         small = [o for o in with_small_settings(words[1:]) if o != "trainer.max_epochs=1"] + ["++trainer.max_steps=2"]
         if not any(o.startswith("compare.seeds=") for o in small):  # two seeds: the paired tests pair by seed
             small.append("compare.seeds=[42,43]")
-        result = run_main("finetune.compare", *small, f"paths.cache_dir={shared['cache']}",
+        result = run_main("finetune.compare.cli", *small, f"paths.cache_dir={shared['cache']}",
                           f"hydra.run.dir={out}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         runs = {json.loads(p.read_text())["strategy"]: p.parent for p in out.glob("*_seed42/metrics.json")}
@@ -215,7 +215,7 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
     elif how == "compare_from":
         sweep_dir, _ = request.getfixturevalue("sweep")
         source = words[1].split("=", 1)[1].replace("logs/train/multiruns/<time>", str(sweep_dir))
-        result = run_cli("finetune.compare", f"from={source}", f"hydra.run.dir={tmp_path / 'report'}", cwd=tmp_path)
+        result = run_cli("finetune.compare.cli", f"from={source}", f"hydra.run.dir={tmp_path / 'report'}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "full" in result.stdout and (tmp_path / "report" / "comparison.csv").exists()
     elif how in ("predict", "export"):
@@ -244,7 +244,7 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         request.getfixturevalue("main_run")  # fills the cache
         assert cache_main([*words[1:], "--cache-dir", str(shared["cache"])]) == 0
     elif how == "bench_cache":
-        from finetune.bench import main as bench_main
+        from finetune.bench.cli import main as bench_main
 
         # one small size, the tiny model, no kill: two real finetune-train processes and the in-process figures
         out = tmp_path / "bench_cache.json"
@@ -255,7 +255,7 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         assert [r["cache_hit"] for r in report["rows"]] == [False, True] and report["rows"][0]["peak_rss_mb"] > 0
         assert report["in_process"]["open_rows"] == 300 + 75 + 75 and min(report["in_process"]["map_over_ram"]) > 0
     elif how == "bench_loader":
-        from finetune.bench import main as bench_main
+        from finetune.bench.cli import main as bench_main
 
         out = tmp_path / "bench_loader.json"
         bench_main([*words[1:], "--images", "100", "--image-size", "32", "--batch-size", "8", "--workers", "0",
@@ -264,18 +264,18 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         assert [r["images"] for r in report["rows"]] == [80, 80], "80 train images (10 val, 10 test): 10 batches"
         assert report["decoded_by_store_build"] == 100 and report["store_over_pil"] > 0
     elif how == "bench_storage":
-        from finetune.bench import main as bench_main
+        from finetune.bench.cli import main as bench_main
 
         out = tmp_path / "bench_storage.json"
         bench_main([*words[1:], "--rows", "200", "--size", "16", "--libraries", "npy", "safetensors",
                     "--work-dir", str(tmp_path / "work"), "--out", str(out)])
         assert [r["library"] for r in json.loads(out.read_text())["results"]] == ["npy", "safetensors"]
     elif how in ("bench", "bench_cuda"):
-        from finetune.bench import benchmark
+        from finetune.bench.training import benchmark
 
         tiny = ["--models", "test_efficientnet", "--image-size", "32", "--batch-size", "4", "--cached-batch-size",
                 "16", "--num-classes", "5", "--warmup", "1", "--steps", "2", "--repeats", "1", "--no-naive",
-                "--strategies", "full", "cached",  # each kind of strategy: tests/test_bench.py
+                "--strategies", "full", "cached",  # each kind of strategy: tests/bench/test_bench.py
                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "bench.json")]
         assert benchmark([*words[1:], *tiny])
 

@@ -1,5 +1,5 @@
 """Where the Hydra configs live, the resolvers they use, instantiating a config node, and building a strategy by name.
-How entry points report mistakes and failed jobs is finetune/failures.py; the sweep summary finetune/sweeps.py."""
+How entry points report mistakes and failed jobs is finetune/run/failures.py; the sweep summary finetune/search/sweep_summary.py."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.classifier import read_checkpoint, without_weights
 from finetune.config import CONFIG_DIR, instantiate
-from finetune.failures import report_user_errors
+from finetune.run.failures import report_user_errors
 from finetune.errors import ConfigError
 from finetune.build import build_images_and_module
 

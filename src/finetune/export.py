@@ -24,7 +24,7 @@ from torch import nn
 
 from finetune.classifier import load_module
 from finetune.config import CONFIG_DIR
-from finetune.failures import report_user_errors
+from finetune.run.failures import report_user_errors
 from finetune.data.preprocessing import normalisation_tensors, to_model_input
 from finetune.errors import ConfigError
 from finetune.heads import LinearHead

@@ -13,10 +13,10 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import Backbone
 from finetune.errors import ConfigError
-from finetune.lightning_internals import attached_trainer, should_update_logs
-from finetune.resume import check_resume, processes
+from finetune.run.lightning_internals import attached_trainer, should_update_logs
+from finetune.run.resume import check_resume, processes
 from finetune.optim import constant, param_groups, phased_schedule
-from finetune.rng import rng_states, set_rng_states
+from finetune.run.rng import rng_states, set_rng_states
 from finetune.strategies import FreezingStrategy
 
 
@@ -112,14 +112,14 @@ class FinetuneModule(LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self._step(batch, "train")
         # only on the steps Lightning writes to the loggers (each self.log costs milliseconds of Python), so the value
-        # written at step s is step s's own loss; the rule is Lightning's (pinned by tests/test_metrics.py)
+        # written at step s is step s's own loss; the rule is Lightning's (pinned by tests/callbacks/test_metrics.py)
         if should_update_logs(self.trainer):
             self.log("train/loss_step", loss.detach(), prog_bar=True, batch_size=len(batch[-1]))
         return loss
 
     def on_train_start(self) -> None:
         """Also here: a run resumed mid-epoch gets no on_train_epoch_start for that epoch (pinned by
-        tests/test_staged.py's kill mid-phase-2)."""
+        tests/strategies/test_staged.py's kill mid-phase-2)."""
         self.on_train_epoch_start()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from finetune.errors import ConfigError
-from finetune.names import part_for, relative_name, under_any
+from finetune.run.names import part_for, relative_name, under_any
 
 
 class WarmupCosine:

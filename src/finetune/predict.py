@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune.classifier import load_model
 from finetune.config import CONFIG_DIR
-from finetune.failures import report_user_errors
+from finetune.run.failures import report_user_errors
 from finetune.data.preprocessing import CorruptImageError, Preprocessor
 from finetune.errors import ConfigError
 

@@ -19,11 +19,11 @@ from omegaconf import DictConfig, open_dict
 from finetune.build import build, instantiate_all
 from finetune.callbacks import FreezeAudit, RunMeter
 from finetune.config import CONFIG_DIR, instantiate
-from finetune.failures import report_user_errors
-from finetune.distributed import ddp_ranks_join_this_job
+from finetune.run.failures import report_user_errors
+from finetune.run.distributed import ddp_ranks_join_this_job
 from finetune.errors import ConfigError
-from finetune.feature_drift import feature_drift
-from finetune.lightning_internals import wandb_run_started
+from finetune.run.feature_drift import feature_drift
+from finetune.run.lightning_internals import wandb_run_started
 
 log = logging.getLogger("finetune")
 PREDICTIONS_FILE = "predictions.csv"

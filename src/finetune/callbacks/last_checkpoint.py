@@ -4,14 +4,14 @@
 Lightning 2.6's ModelCheckpoint(save_last=True) with a monitored metric writes last.ckpt only when it writes a top-k
 checkpoint, i.e. when the metric improved: a run whose best epoch was 5 of 10 would leave an epoch-5 last.ckpt, and
 resuming would silently redo epochs. The best checkpoint stays with the monitored ModelCheckpoint; this one has no
-monitor and keeps no top-k, only last.ckpt (tests/test_checkpoints.py pins the behaviour on the installed Lightning).
+monitor and keeps no top-k, only last.ckpt (tests/run/test_checkpoints.py pins the behaviour on the installed Lightning).
 """
 
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from finetune.lightning_internals import checkpoint_every_n_train_steps, last_saved_step, save_last
+from finetune.run.lightning_internals import checkpoint_every_n_train_steps, last_saved_step, save_last
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -12,7 +12,7 @@ from lightning import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from finetune.errors import ConfigError
-from finetune.lightning_internals import checkpoint_every_n_train_steps
+from finetune.run.lightning_internals import checkpoint_every_n_train_steps
 
 
 class NonFiniteLossError(ConfigError):

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Su
 
 from finetune.data.preprocessing import normalisation_tensors, to_model_input
 from finetune.errors import ConfigError
-from finetune.lightning_internals import batches_done
+from finetune.run.lightning_internals import batches_done
 
 SPLITS = ("train", "val", "test")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

@@ -14,8 +14,8 @@ import argparse
 import os
 import sys
 
-from finetune.data.feature_cache import FeatureCache
-from finetune.data.shard_store import human_bytes
+from finetune.data.features.cache import FeatureCache
+from finetune.data.storage.shard_store import human_bytes
 
 
 def describe(summary: dict) -> str:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from finetune.names import under_any
+from finetune.run.names import under_any
 
 if TYPE_CHECKING:
     from lightning import LightningDataModule

@@ -51,7 +51,7 @@ class CachedFeatures(FreezingStrategy):
         return names_under(module, ["backbone"])
 
     def wrap_datamodule(self, datamodule, module):
-        from finetune.data.cached import CachedFeatureDataModule
+        from finetune.data.features.cached import CachedFeatureDataModule
 
         if getattr(datamodule, "has_random_train_augmentation", False):
             if datamodule.augment_requested:

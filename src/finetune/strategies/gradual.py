@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from finetune.errors import ConfigError
-from finetune.lightning_internals import find_unused_parameters
-from finetune.names import is_under, module_path, nested, under_any
+from finetune.run.lightning_internals import find_unused_parameters
+from finetune.run.names import is_under, module_path, nested, under_any
 from finetune.optim import backbone_layers, check_part_names
 from finetune.strategies.base import FreezingStrategy, Phase, batchnorm_tensors, phase_field_names
 from finetune.strategies.cached import CachedFeatures
@@ -250,8 +250,8 @@ class GradualUnfreezing(FreezingStrategy):
             return datamodule
         if all(p.inputs == "cached" for p in self.phase_list):
             return CachedFeatures(**self.cache).wrap_datamodule(datamodule, module)
-        from finetune.data.cached import CachedFeatureDataModule
-        from finetune.data.phased import PhaseInputs
+        from finetune.data.features.cached import CachedFeatureDataModule
+        from finetune.data.features.phased import PhaseInputs
 
         if getattr(datamodule, "has_random_train_augmentation", False):
             log.info("%s: the phases on cached features train with eval transforms; later phases use data.augment=%s",

@@ -1,0 +1,5 @@
+"""Benchmarks: scripts that time and measure, print a table and write JSON, and assert nothing.
+
+`cli` (finetune-bench) dispatches to `training` (throughput and memory per strategy), `cache` (the feature cache at
+two sizes), `loader` (image files: PIL against the store) and `storage` (the store's library); `report` writes them.
+"""

@@ -1,0 +1,3 @@
+from finetune.bench.cli import main
+
+main()

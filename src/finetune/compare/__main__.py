@@ -1,0 +1,3 @@
+from finetune.compare.cli import main
+
+main()

@@ -1,0 +1,113 @@
+"""finetune-compare: every strategy on one backbone and dataset, once per seed; a report that says what the data
+supports (intervals, paired tests, a recommendation), a table and a figure.
+
+`finetune-compare backbone=timm backbone.name=resnet18 data=image_folder data.root=...` applies the overrides to
+every run. The runs are one Hydra sweep (`finetune-train -m strategy=... seed=...`) through Hydra's launcher: by
+default `local_processes` (each run its own process, `compare.jobs` at a time, one GPU each where there are GPUs);
+`hydra/launcher=slurm` sends every run to SLURM through submitit. `finetune-compare from=<folder>` builds the
+report from a finished sweep or comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from finetune.config import CONFIG_DIR
+from finetune.run.failures import report_user_errors
+from finetune.errors import ConfigError
+from finetune.compare.report import collect_runs, format_text, succeeded, write_report
+
+log = logging.getLogger("finetune")
+OWN_KEYS = ("from", "hydra.", "hydra/", "compare.", "strategy=", "task_name")
+RUN_FOLDER = "${hydra.runtime.choices.strategy}_seed${seed}"
+
+
+def available_strategies() -> list[str]:
+    """Every strategy config Hydra can see: the package's and those on the user's hydra.searchpath."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    return sorted(GlobalHydra.instance().config_loader().get_group_options("strategy"))
+
+
+def checked_seeds(seeds) -> list[int]:
+    seeds = list(seeds or [])
+    if not seeds:
+        raise ConfigError("compare.seeds is empty: give at least one training seed, e.g. compare.seeds=[42,43,44]")
+    if any(not isinstance(seed, int) or isinstance(seed, bool) for seed in seeds):
+        raise ConfigError(f"compare.seeds={seeds}: the seeds must be integers, e.g. compare.seeds=[42,43,44]")
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise ConfigError(f"compare.seeds={seeds} repeats {repeated}: each seed once (a repeat would count one "
+                          f"run twice in the intervals and tests)")
+    return seeds
+
+
+def sweep_command(strategies: list[str], seeds: list[int], cfg: DictConfig, output_dir: Path) -> list[str]:
+    """The `finetune-train -m` sweep of strategies x seeds: the user's overrides for every run, the launcher chosen
+    for this compare (hydra/launcher=..., hydra.launcher.*), each run in <output_dir>/<strategy>_seed<seed>."""
+    hydra_cfg = HydraConfig.get()
+    task = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(OWN_KEYS)]
+    launcher = hydra_cfg.runtime.choices.get("hydra/launcher", "local_processes")
+    passed = [o for o in hydra_cfg.overrides.hydra if o.startswith(("hydra.launcher.", "hydra.searchpath"))]
+    if launcher == "local_processes" and not any(o.startswith("hydra.launcher.jobs=") for o in passed):
+        passed.append(f"hydra.launcher.jobs={int(cfg.compare.get('jobs', 1))}")
+    return [sys.executable, "-m", "finetune.train", "-m", f"strategy={','.join(strategies)}",
+            f"seed={','.join(str(s) for s in seeds)}", *task, f"hydra/launcher={launcher}", *passed,
+            f"hydra.sweep.dir={output_dir}", f"hydra.sweep.subdir={RUN_FOLDER}"]
+
+
+def run_sweep(command: list[str]) -> int:
+    """The sweep in its own process (its launcher starts the runs); its exit code (1 when some runs failed)."""
+    log.info("compare: %s", " ".join(command[1:]))
+    return subprocess.run(command).returncode
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    source = cfg.get("from")
+    alpha = float(cfg.compare.get("alpha", 0.05))
+    if not 0 < alpha < 1:
+        raise ConfigError(f"compare.alpha={alpha} must be between 0 and 1 (e.g. 0.05)")
+    if source:
+        if not Path(source).is_dir():
+            raise ConfigError(f"from={source} is not a folder (expected a multirun or compare output folder)")
+        rows = collect_runs(source)
+        if not succeeded(rows):
+            raise ConfigError(f"from={source} holds no <run>/metrics.json"
+                              + (f" ({len(rows)} failed runs)" if rows else ""))
+        expected = []
+    else:
+        available = available_strategies()
+        strategies = list(cfg.compare.strategies or available)
+        unknown = [s for s in strategies if s not in available]
+        if unknown:
+            raise ConfigError(f"compare.strategies has {unknown}; choose from: {', '.join(available)}")
+        if any(o.startswith(("seed=", "+seed=")) for o in HydraConfig.get().overrides.task):
+            raise ConfigError("finetune-compare trains every strategy once per seed of compare.seeds: set "
+                              "compare.seeds=[...] instead of seed=")
+        seeds = checked_seeds(cfg.compare.seeds)
+        run_sweep(sweep_command(strategies, seeds, cfg, output_dir))
+        rows = collect_runs(output_dir)
+        if not succeeded(rows):
+            raise ConfigError(f"every run failed; see the train.log files under {output_dir}")
+        expected = [f"{s}_seed{seed}" for s in strategies for seed in seeds]
+    paths, summary = write_report(rows, output_dir, title=cfg.compare.title, alpha=alpha)
+    print(format_text(summary))
+    reported = {Path(r["run_dir"]).name for r in rows}
+    unreported = [name for name in expected if name not in reported]
+    if unreported:  # died without writing failure.json (killed, out of memory)
+        print(f"failed: {', '.join(unreported)} (see their train.log)")
+    print(f"report: {paths['md']}, {paths['csv']}, {paths['png']}, {paths['per_class']}")
+
+
+if __name__ == "__main__":
+    main()

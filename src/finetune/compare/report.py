@@ -1,0 +1,265 @@
+"""The strategy comparison report: a table (CSV, Markdown, terminal) and a figure, from runs' metrics.json files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from finetune.run.failures import FAILURE_FILE
+from finetune.compare.statistics import decide
+
+COLUMNS = [  # (key of a strategy's row: metrics.json's, averaged over seeds, or decide's; column header, format)
+    ("strategy", "strategy", "{}"),
+    ("test_acc", "test acc", "{:.4f}"),
+    ("test_acc_interval", "95% interval", "{}"),
+    ("p_holm", "p vs best", "{:.3g}"),
+    ("seeds", "seeds", "{}"),
+    ("best_val_acc", "best val acc", "{:.4f}"),
+    ("fit_seconds", "fit s", "{:.1f}"),
+    ("train_samples_per_second", "train samples/s", "{:,.0f}"),
+    ("peak_memory_mb", "peak memory MB", "{:,.0f}"),
+    ("trainable_params", "trainable params", "{:,}"),
+    ("trainable_percent", "trainable %", "{:.2f}"),
+    ("feature_drift", "feature drift", "{:.4f}"),
+    ("total_params", "total params", "{:,}"),
+    ("extract_seconds", "extract s", "{:.1f}"),
+    ("cache_hit", "cache hit", "{}"),
+]
+def collect_runs(folder: str | Path) -> list[dict]:
+    """metrics.json of every run under `folder` (a compare output or a `finetune-train -m` multirun folder), and a
+    row with `failed: true` and the error for every run that wrote failure.json instead.
+
+    Rows go from the most trained parameters to the fewest, then from the longest fit to the shortest, failed runs
+    last: the order follows from the runs themselves, so a new strategy needs no entry anywhere."""
+    folder = Path(folder)
+    rows = []
+    for run_dir in sorted({p.parent for pattern in ("metrics.json", FAILURE_FILE)
+                           for p in [*folder.glob(f"*/{pattern}"), *folder.glob(pattern)]}):
+        if (run_dir / FAILURE_FILE).exists():
+            failure = json.loads((run_dir / FAILURE_FILE).read_text())
+            rows.append({"strategy": failure.get("strategy") or run_dir.name, "failed": True,
+                         "error": failure.get("error", "?"), "run_dir": str(run_dir)})
+            continue
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics["run_dir"] = str(run_dir)
+        if "val_acc" in metrics and "best_val_acc" not in metrics:  # written before 2026-11-30, monitoring val/acc
+            metrics["best_val_acc"] = metrics.pop("val_acc")
+        rows.append(metrics)
+    return sorted(rows, key=lambda m: (bool(m.get("failed")), -(m.get("trainable_params") or 0),
+                                       -(m.get("fit_seconds") or 0), m.get("strategy", ""), m["run_dir"]))
+
+
+def by_strategy(rows: list[dict], decision: dict | None = None) -> list[dict]:
+    """One row per strategy, in the runs' order: numbers averaged over its seeds' runs, the rest from its first run,
+    and decide()'s interval and paired test."""
+    groups: dict[str, list[dict]] = {}
+    for row in succeeded(rows):
+        groups.setdefault(row["strategy"], []).append(row)
+    stats = (decision or {}).get("strategies", {})
+    merged = []
+    for strategy, runs in groups.items():
+        row = dict(runs[0])
+        for key in {k for run in runs for k in run}:
+            values = [run.get(key) for run in runs]
+            if len(set(map(str, values))) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      for v in values):
+                mean = sum(values) / len(values)
+                row[key] = round(mean, 6) if isinstance(mean, float) else mean
+        row.update(seeds=len(runs), run_dirs=";".join(run["run_dir"] for run in runs),
+                   seed_list=",".join(str(run.get("seed")) for run in runs))
+        if strategy in stats:
+            s = stats[strategy]
+            row.update(test_acc=round(s["test_acc_mean"], 6), ci_low=round(s["ci_low"], 6),
+                       ci_high=round(s["ci_high"], 6), test_acc_interval=f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]",
+                       p_raw=s["p_raw"], p_holm=s["p_holm"], distinguishable=s["distinguishable"])
+        merged.append(row)
+    return merged
+
+
+def succeeded(rows: list[dict]) -> list[dict]:
+    return [row for row in rows if not row.get("failed")]
+
+
+def failure_lines(rows: list[dict]) -> list[str]:
+    return [f"failed: {row['strategy']}: {row['error']} ({row['run_dir']})" for row in rows if row.get("failed")]
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if key == "p_holm" and value is None and "ci_low" in row:
+        return "best"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-" if key not in ("extract_seconds", "cache_hit") or row.get("strategy") == "cached" else ""
+    return fmt.format(value)
+
+
+def summarise(rows: list[dict], alpha: float = 0.05) -> dict:
+    """The report's content: one row per strategy (means over seeds, interval, paired test), the decision (best,
+    recommendation lines) and the failed runs."""
+    decision = decide(succeeded(rows), alpha)
+    return {"strategies": by_strategy(rows, decision), "decision": decision, "failures": failure_lines(rows),
+            "runs": rows}
+
+
+def table_rows(strategies: list[dict]) -> list[list[str]]:
+    return [[_cell(row, key, fmt) for key, _, fmt in COLUMNS] for row in strategies]
+
+
+def format_markdown(summary: dict) -> str:
+    headers = [header for _, header, _ in COLUMNS]
+    lines = [f"**{line}**" for line in summary["decision"]["lines"]] + [""]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(summary["strategies"])]
+    failures = summary["failures"]
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(f"- {line}" for line in failures) + "\n" if failures else "")
+
+
+def format_text(summary: dict) -> str:
+    headers = [header for _, header, _ in COLUMNS]
+    body = table_rows(summary["strategies"])
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([*summary["decision"]["lines"], "", line(headers), line(["-" * w for w in widths]),
+                      *map(line, body), *summary["failures"]])
+
+
+def validation_curve(run_dir: str | Path) -> list[tuple[float, float]]:
+    """(seconds since fit start, val/acc) per validation, from the run's CSV log (RunMeter logs the time)."""
+    points = []
+    for log in sorted(Path(run_dir).glob("**/metrics.csv")):
+        with open(log, newline="") as handle:
+            for record in csv.DictReader(handle):
+                if record.get("val/acc") and record.get("time/elapsed_seconds"):
+                    points.append((float(record["time/elapsed_seconds"]), float(record["val/acc"])))
+    return sorted(points)
+
+
+def seed_curves(strategy_row: dict) -> tuple[list[float], list[float], list[float], list[float]] | None:
+    """(time, mean, min, max) of val accuracy per validation over the strategy's seeds (time: the mean)."""
+    curves = [validation_curve(run_dir) for run_dir in strategy_row.get("run_dirs", "").split(";") if run_dir]
+    curves = [c for c in curves if c]
+    if not curves:
+        return None
+    length = min(len(c) for c in curves)
+    times = [sum(c[i][0] for c in curves) / len(curves) for i in range(length)]
+    values = [[100 * c[i][1] for c in curves] for i in range(length)]
+    return times, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows, decision = summary["strategies"], summary["decision"]
+    names = [row["strategy"] for row in rows]
+    # one distinct colour per strategy: tab10 holds ten, tab20 twenty
+    palette = plt.cm.tab10 if len(rows) <= 10 else plt.cm.tab20
+    colors = [palette(i % palette.N) for i in range(len(rows))]
+    fig, ((left, middle), (memory, classes)) = plt.subplots(2, 2, figsize=(16, 10.5))
+    for row, color in zip(rows, colors):
+        total = row["fit_seconds"] + (row.get("extract_seconds") or 0.0)
+        accuracy = 100 * row["test_acc"]
+        error = None
+        if "ci_low" in row:  # the 95% interval (bootstrap over seeds and test samples)
+            error = [[accuracy - 100 * row["ci_low"]], [100 * row["ci_high"] - accuracy]]
+        left.errorbar(total, accuracy, yerr=error, fmt="o", markersize=8, capsize=4, color=color, zorder=3,
+                      label=row["strategy"])
+    left.set_xscale("log")
+    left.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    left.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    left.margins(x=0.15, y=0.2)
+    left.set_xlabel("fit time, seconds (log; cached includes feature extraction; mean over seeds)")
+    left.set_ylabel("test accuracy, % (mean over seeds, 95% interval)")
+    left.set_title("accuracy against training time")
+    left.grid(True, which="both", alpha=0.3)
+    for row, color in zip(rows, colors):
+        curve = seed_curves(row)
+        if curve:
+            times, mean, low, high = curve
+            middle.plot(times, mean, marker=".", color=color, label=row["strategy"])
+            if row.get("seeds", 1) > 1:
+                middle.fill_between(times, low, high, color=color, alpha=0.15, linewidth=0)
+    middle.set_xlabel("wall time since fit start, seconds (log)")
+    middle.set_xscale("log")
+    middle.set_ylabel("validation accuracy, % (mean; band: min-max over seeds)")
+    middle.set_title("validation accuracy during fit")
+    middle.grid(True, which="both", alpha=0.3)
+    memory.barh(names, [row["peak_memory_mb"] for row in rows], color=colors)
+    memory.invert_yaxis()
+    device = rows[0].get("device", "") if rows else ""
+    memory.set_xlabel("peak memory, MB " + ("(CUDA max allocated)" if device.startswith("cuda") else "(process RSS)"))
+    memory.set_title("peak memory (cached: incl. extraction)")
+    for i, row in enumerate(rows):
+        memory.annotate(f" {row['peak_memory_mb']:,.0f}", (row["peak_memory_mb"], i), ha="left", va="center",
+                        fontsize=8)
+    memory.margins(x=0.2)
+    roles: dict[str, list[str]] = {}
+    for role, strategy in (("most accurate", decision.get("best")), ("recommended by fit time", decision.get("by_time")),
+                           ("recommended by parameters", decision.get("by_params"))):
+        if strategy:
+            roles.setdefault(strategy, []).append(role)
+    per_class = decision.get("per_class", {})
+    width = 0.8 / max(len(roles), 1)
+    lowest = 100.0
+    for k, (strategy, said) in enumerate(roles.items()):
+        accuracy = per_class.get(strategy, {})
+        labels = sorted(accuracy)
+        values = [100 * accuracy[c] for c in labels]
+        lowest = min([lowest, *values])
+        classes.bar([i + k * width for i in range(len(labels))], values, width, color=colors[names.index(strategy)],
+                    label=f"{strategy} ({', '.join(said)})")
+        classes.set_xticks([i + width * (len(roles) - 1) / 2 for i in range(len(labels))], [str(c) for c in labels])
+    classes.set_ylim(max(lowest - 10, 0), 100.5)
+    classes.set_xlabel("class")
+    classes.set_ylabel("test accuracy, % (all seeds)")
+    classes.set_title("per class: the most accurate and the recommended")
+    classes.legend(fontsize=8, loc="lower right")
+    classes.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title + ("\n" + decision["lines"][0] if decision.get("lines") else ""), fontsize=10)
+    # one legend for the strategies, below the panels, so that it hides no point or curve
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(rows), 8), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1), w_pad=4)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(rows: list[dict], output_dir: str | Path, title: str = "strategy comparison",
+                 alpha: float = 0.05) -> tuple[dict[str, Path], dict]:
+    """comparison.{csv,md,png} (a row per strategy), comparison_runs.csv (a row per run) and
+    comparison_per_class.csv in `output_dir`; returns their paths and the summary."""
+    if not succeeded(rows):
+        raise ValueError(f"no runs with a metrics.json under {output_dir}")
+    summary = summarise(rows, alpha)  # refuses runs that cannot be paired before anything is written
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: output_dir / f"comparison.{kind}" for kind in ("csv", "md", "png")}
+    paths.update(runs=output_dir / "comparison_runs.csv", per_class=output_dir / "comparison_per_class.csv")
+    strategies = summary["strategies"]
+    # a failed run is a row too, with `failed` and `error` and empty measurements
+    for path, table in ((paths["csv"], strategies + [r for r in rows if r.get("failed")]), (paths["runs"], rows)):
+        keys = [key for key, _, _ in COLUMNS] + sorted({k for r in table for k in r} - {k for k, _, _ in COLUMNS})
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(table)
+    per_class = summary["decision"].get("per_class", {})
+    classes = sorted({c for accuracy in per_class.values() for c in accuracy})
+    with open(paths["per_class"], "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["strategy", *[f"class_{c}" for c in classes]])
+        for strategy, accuracy in per_class.items():
+            writer.writerow([strategy, *[f"{accuracy[c]:.4f}" if c in accuracy else "" for c in classes]])
+    first = strategies[0]
+    header = (f"# {title}\n\nbackbone `{first.get('backbone')}`, data `{first.get('data')}`, "
+              f"{first.get('epochs')} epochs, device `{first.get('device')}`, precision `{first.get('precision')}`, "
+              f"seeds {first.get('seed_list')}\n\n")
+    paths["md"].write_text(header + format_markdown(summary))
+    plot(summary, paths["png"], f"{title}: {first.get('backbone')} on {first.get('data')}")
+    return paths, summary

@@ -1,0 +1,73 @@
+"""On-disk store of backbone features, keyed by everything that determines them.
+
+An entry is one split's features, labels and dataset indices in the sharded, memory-mapped format of
+`finetune.data.storage.shard_store` (what is verified when is written there). The key is a digest of the identity (backbone,
+weights, preprocessing, data, dtype, extraction mode, code versions) and the format version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+
+import torch
+from torch import nn
+
+from finetune.data.storage.shard_store import FORMAT_VERSION, KEY_LENGTH, KEY_PATTERN, Store
+
+log = logging.getLogger(__name__)
+# what else this cache writes: `<key>.lock`, and `.probe.<random>.tmp` while checking the folder is writable. Format 2 wrote one
+# `<key>.pt` + `<key>.json` per entry; those are listed and cleared, never read.
+LEFTOVER_PATTERN = re.compile(rf"[0-9a-f]{{{KEY_LENGTH}}}\.lock|\.probe\..+\.tmp")
+OLD_FORMAT_SUFFIXES = (".pt", ".json")
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer (names and bytes): a changed weight gives a changed cache key."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class FeatureCache(Store):
+    @staticmethod
+    def key(identity: dict) -> str:
+        blob = json.dumps({"format": FORMAT_VERSION, **identity}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:KEY_LENGTH]
+
+    def old_format_entries(self) -> list[str]:
+        """Keys of format-2 entries (one `<key>.pt` and a `<key>.json` manifest listing its tensors)."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in sorted(self.root.glob("*.json")):
+            if not KEY_PATTERN.fullmatch(path.stem):
+                continue
+            try:
+                manifest = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(manifest, dict) and manifest.get("key") == path.stem and "tensors" in manifest:
+                found.append(path.stem)
+        return found
+
+    def clear(self) -> int:
+        """Remove the cache's own files only: every entry folder, the old format's files, the locks and temporary
+        files whose names only this cache writes. Returns the bytes freed."""
+        freed = 0
+        for entry in self.entries():
+            freed += sum(p.stat().st_size for p in entry.folder.iterdir() if p.is_file())
+            shutil.rmtree(entry.folder, ignore_errors=True)
+        doomed = [self.root / f"{key}{suffix}" for key in self.old_format_entries() for suffix in OLD_FORMAT_SUFFIXES]
+        doomed += [p for p in self.root.iterdir() if p.is_file() and LEFTOVER_PATTERN.fullmatch(p.name)]
+        for path in doomed:
+            if path.exists():
+                freed += path.stat().st_size
+                path.unlink(missing_ok=True)
+        return freed

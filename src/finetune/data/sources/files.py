@@ -1,0 +1,120 @@
+"""Datamodules over image files. Two paths:
+
+- PIL (default): DataLoader workers decode every image every epoch; CPU transforms produce uint8 tensors at the final
+  size, each sample's augmentation seeded by (seed, epoch, index); the device normalises.
+- the store (`data.store=true`): every image decoded once into memory-mapped uint8 shards (`image_store.py`), batches
+  gathered by index, augmentation (random-resized-crop, flip) on the device, seeded the same way; a CPU run with
+  DataLoader workers crops in the workers instead (its device is the CPU: a core each rather than one).
+
+Both resume exactly mid-epoch: the epoch order is seeded, the batches already stepped are skipped, and a sample's
+augmentation depends on (seed, epoch, index) only."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+from finetune.data.base import (ImageDataModule, IndexBatchSampler, WorkerBatchLoader, index_batch_loader,
+                                world_and_rank)
+from finetune.data.storage.decode import DECODERS
+from finetune.data.storage.image_store import AugmentedStoreBatches, ImageStore, RowSubset, StoredImages, augment_stored
+from finetune.data.preprocessing import eval_geometry, eval_resize_size
+from finetune.errors import ConfigError
+
+
+class FileImageDataModule(ImageDataModule):
+    augmentations = ("none", "flip", "random_resized_crop")
+    geometry = "crop"
+
+    def __init__(self, store: bool = False, store_size: int | None = None, store_dir: str | None = None,
+                 store_decode: str = "auto", **kwargs):
+        super().__init__(**kwargs)
+        if store_size is not None and int(store_size) <= 0:
+            raise ConfigError(f"data.store_size={store_size} must be a positive number of pixels, or null (the eval "
+                              f"resize, floor(image_size / crop_pct))")
+        if store_decode not in DECODERS:
+            raise ConfigError(f"data.store_decode={store_decode!r} is not one of {', '.join(DECODERS)}")
+        self.store: ImageStore | None = None
+        if store:
+            self.store = ImageStore(self, store_dir or "logs/feature_cache", store_size, store_decode)
+
+    def prepare_data(self) -> None:
+        """Once per node (Lightning runs it on local rank 0; the other ranks wait): build the image store."""
+        if self.store is not None:
+            self.store.prepare()
+
+    @property
+    def eval_resize(self) -> int:
+        """The shorter side the eval transform resizes to before its centre crop."""
+        return eval_resize_size(self.image_size, self.preprocessing["crop_pct"])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.store is not None and not self.store.entries:  # a caller that skipped prepare_data (eval, tests)
+            self.store.prepare(world_and_rank(self.trainer)[1])
+        if self.store is not None and self.store.size < self.eval_resize:
+            raise ConfigError(f"data.store_size={self.store.size} is smaller than the eval resize "
+                              f"{self.eval_resize}; use null or more")
+
+    @property
+    def image_source(self) -> str | dict:
+        """Where eval images come from, for the feature cache key: "files" also for a PIL-decoded store at the eval
+        resize (its eval crops are the PIL path's pixels); a larger store resizes again, and another decoder may
+        differ by a level, so those key their own features."""
+        if self.store is None or (self.store.size == self.eval_resize and self.store.decoder == "pil"):
+            return "files"
+        return {"store_size": self.store.size, "decoder": self.store.decoder}
+
+    def _stored(self, split: str, crop: bool, pin_memory: bool = False) -> StoredImages:
+        self.setup()
+        return StoredImages(self.store.entries[split], self.image_size, self.eval_resize, crop, pin_memory,
+                            self.preprocessing["interpolation"])
+
+    def transforms(self, train: bool) -> v2.Compose:
+        if not train or self.augment == "none":
+            return eval_geometry(self.preprocessing)
+        if self.augment == "flip":
+            return v2.Compose([eval_geometry(self.preprocessing), v2.RandomHorizontalFlip()])
+        interpolation = InterpolationMode(self.preprocessing["interpolation"])
+        return v2.Compose([v2.ToImage(), v2.RGB(), v2.RandomResizedCrop(self.image_size, interpolation=interpolation,
+                                                                        antialias=True),
+                           v2.RandomHorizontalFlip(), v2.ToDtype(torch.uint8)])
+
+    def split_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False):
+        if self.store is not None:  # batches by index from the map; a train batch carries its indices to augment
+            augment = shuffle and split == "train" and self.augment != "none"
+            in_workers = augment and self.num_workers > 0 and self.training_device.type == "cpu"
+            # batches pinned only when they go on to a GPU (not those the CPU workers crop)
+            dataset = self._stored(split, crop=not augment, pin_memory=torch.cuda.is_available() and not in_workers)
+            if in_workers:
+                # training on the CPU: augment in the workers, a core each, rather than in this one process
+                world, rank = world_and_rank(self.trainer)
+                batches = IndexBatchSampler(len(dataset), batch_size, True, drop_last, world, rank, self.seed)
+                return WorkerBatchLoader(AugmentedStoreBatches(dataset, self.seed, self.augment), batches, self.trainer,
+                                         self.seed, num_workers=self.num_workers)
+            return index_batch_loader(dataset, batch_size, shuffle, drop_last, self.trainer, self.seed)
+        dataset: Dataset = self.split_dataset(split, train_transforms=shuffle and split == "train")
+        workers = self.num_workers
+        common = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
+        if not shuffle:
+            return DataLoader(dataset, batch_size=batch_size, sampler=self.eval_sampler(len(dataset)), **common)
+        # training: the in-memory data's epoch order and mid-epoch resume, augmentation seeded per sample; workers
+        # start each epoch (a DataLoader made before a restore would replay the epoch: WorkerBatchLoader)
+        world, rank = world_and_rank(self.trainer)
+        batches = IndexBatchSampler(len(dataset), batch_size, True, drop_last, world, rank, self.seed)
+        return WorkerBatchLoader(dataset, batches, self.trainer, self.seed, **common)
+
+    def subset_loader(self, split: str, indices: torch.Tensor, batch_size: int):
+        if self.store is None:
+            return super().subset_loader(split, indices, batch_size)
+        return index_batch_loader(RowSubset(self._stored(split, crop=True), indices), batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if len(batch) == 2:
+            return super().on_after_batch_transfer(batch, dataloader_idx)
+        images, labels, index = batch  # stored squares of a training batch (uint8): augment on the device
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        images = augment_stored(images, index, self.seed, epoch, self.augment, self.image_size, self.eval_resize,
+                                self.preprocessing["interpolation"])
+        return self.preprocess(images), labels

@@ -1,0 +1,57 @@
+"""The end of a hyperparameter search: which trial won, with what score and parameters, and which trials failed.
+
+Hydra's Optuna sweeper writes optimization_results.yaml (best_params, best_value) into the sweep folder; this adds
+best.json beside it with the winning trial's run folder and metrics, and the failed trials with their reasons.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from finetune.run.failures import FAILURE_FILE
+
+
+def trial_dirs(sweep_dir: Path) -> list[Path]:
+    jobs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
+    return sorted(jobs, key=lambda p: int(p.name) if p.name.isdigit() else p.name)
+
+
+def job_overrides(job_dir: Path) -> list[str]:
+    return yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+
+
+def summarise_search(sweep_dir: Path, optimized_metric: str, direction: str) -> dict:
+    """best.json's content, written into `sweep_dir`; needs the sweeper's optimization_results.yaml."""
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    best_params = results["best_params"]
+    wanted = {f"{name}={value}" for name, value in best_params.items()}
+    trials, failed, best_dir = trial_dirs(sweep_dir), [], None
+    for job in trials:
+        if (job / FAILURE_FILE).exists():
+            failure = json.loads((job / FAILURE_FILE).read_text())
+            tried = [o for o in job_overrides(job) if o.split("=", 1)[0] in best_params]  # this trial's parameters
+            failed.append({"job": job.name, "params": tried, "error": failure["error"]})
+        elif best_dir is None and wanted <= set(job_overrides(job)):
+            best_dir = job
+    best_metrics = json.loads((best_dir / "metrics.json").read_text()) if best_dir else {}
+    summary = {"optimized_metric": optimized_metric, "direction": direction, "best_value": results["best_value"],
+               "best_params": best_params, "best_run": str(best_dir) if best_dir else None,
+               "best_val_acc": best_metrics.get("best_val_acc"), "best_test_acc": best_metrics.get("test_acc"),
+               "best_checkpoint": best_metrics.get("best_checkpoint"), "trials": len(trials),
+               "failed": failed}
+    (sweep_dir / "best.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def describe(summary: dict, sweep_dir: Path) -> str:
+    params = " ".join(f"{name}={value}" for name, value in summary["best_params"].items())
+    lines = [f"best of {summary['trials']} trials: {summary['optimized_metric']}={summary['best_value']:.4f} "
+             f"(test acc {summary['best_test_acc'] or float('nan'):.4f}) with {params}",
+             f"  run: {summary['best_run']}", f"  written to {sweep_dir / 'best.json'}"]
+    if summary["failed"]:
+        lines.append(f"{len(summary['failed'])} trial(s) failed and were told to Optuna as failed:")
+        lines += [f"  job {f['job']} [{' '.join(f['params'])}]: {f['error']}" for f in summary["failed"]]
+    return "\n".join(lines)
