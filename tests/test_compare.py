@@ -245,20 +245,94 @@ def test_compare_from_cli_on_an_existing_multirun(tmp_path):
     assert "cached" in result.stdout and (tmp_path / "out" / "comparison.png").exists()
 
 
-@pytest.mark.parametrize("problem", ["mixed splits", "repeated seed"])
+@pytest.mark.parametrize("problem", ["unpaired split", "repeated seed", "short file", "shifted indices",
+                                     "no trainable_params", "missing file", "unknown reference"])
 def test_compare_from_refuses_runs_that_cannot_be_paired(tmp_path, problem):
     fake_multirun(tmp_path / "sweep")
     correct = np.ones(270, dtype=bool)
-    if problem == "mixed splits":
-        fake_run(tmp_path / "sweep" / "norm_seed42", "norm", 42, correct, 5.0, 20, split="digits-split-1")
-        expected = "tested on 2 different splits or datasets"
-    else:
+    norm = tmp_path / "sweep" / "norm_seed42"
+    extra = []
+    if problem == "unpaired split":
+        fake_run(norm, "norm", 42, correct, 5.0, 20, split="digits-split-1")
+        expected = "share no (split, seed)"
+    elif problem == "repeated seed":
         fake_run(tmp_path / "sweep" / "full_again", "full", 42, correct, 5.0, 20)
         expected = "two runs of strategy full with seed 42"
-    result = run_main("finetune.compare", f"from={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'out'}",
+    elif problem == "short file":
+        fake_run(norm, "norm", 42, correct, 5.0, 20)
+        (norm / "predictions.csv").write_text("\n".join((norm / "predictions.csv").read_text().splitlines()[:-1]))
+        expected = "predictions.csv has 269 rows but metrics.json tested 270"
+    elif problem == "shifted indices":
+        fake_run(norm, "norm", 42, correct, 5.0, 20)
+        lines = (norm / "predictions.csv").read_text().splitlines()
+        (norm / "predictions.csv").write_text("\n".join([lines[0]] + [f"{i + 1},{line.split(',', 1)[1]}"
+                                                                        for i, line in enumerate(lines[1:])]))
+        expected = "different test indices"
+    elif problem == "no trainable_params":
+        fake_run(norm, "norm", 42, correct, 5.0, 20)
+        metrics = json.loads((norm / "metrics.json").read_text())
+        del metrics["trainable_params"]
+        (norm / "metrics.json").write_text(json.dumps(metrics))
+        expected = "norm_seed42 has no trainable_params"
+    elif problem == "missing file":
+        fake_run(norm, "norm", 42, correct, 5.0, 20)
+        (norm / "predictions.csv").unlink()
+        expected = "norm_seed42 has no predictions.csv"
+    else:
+        extra = ["compare.reference=lora"]
+        expected = "compare.reference=lora is not among the strategies compared; choose one of: best_val, cached"
+    result = run_main("finetune.compare", f"from={tmp_path / 'sweep'}", *extra, f"hydra.run.dir={tmp_path / 'out'}",
                       cwd=tmp_path)
-    assert result.returncode == 2 and expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.returncode == 2 and expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
+        result.stderr[-2000:]
     assert not list((tmp_path / "out").glob("comparison*")), "nothing written"
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ("compare.margin=0", "compare.margin=0 is in accuracy points and must lie strictly between 0 and 100"),
+    ("compare.margin=100", "compare.margin=100 is in accuracy points"),
+    ("compare.splits=0", "compare.splits=0 must be an integer of at least 1"),
+    ("compare.reference=frozen", "compare.reference=frozen is not among the strategies compared; choose one of: "
+                                 "best_val, freeze, full")])
+def test_compare_refuses_bad_statistics_settings_before_running_anything(tmp_path, monkeypatch, setting, expected):
+    from finetune import compare
+
+    commands = []
+    monkeypatch.setattr(compare, "run_sweep", lambda command: commands.append(command) or 0)
+    result = run_main("finetune.compare", *TINY, "compare.strategies=[freeze,full]", setting,
+                      f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not commands, "nothing run"
+
+
+def test_compare_splits_sweeps_the_split_seed(tmp_path, monkeypatch):
+    from finetune import compare
+
+    commands = []
+    monkeypatch.setattr(compare, "run_sweep", lambda command: commands.append(command) or 1)
+    result = run_main("finetune.compare", *TINY, "compare.strategies=[freeze,full]", "compare.seeds=[1,2]",
+                      "compare.splits=3", "data.split_seed=5", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and "every run failed" in result.stderr  # nothing ran
+    command = commands[0]
+    assert "data.split_seed=5,6,7" in command and "data.split_seed=5" not in command
+    assert "hydra.sweep.subdir=${hydra.runtime.choices.strategy}_split${data.split_seed}_seed${seed}" in command
+
+
+def test_report_over_splits_pairs_within_each_split(tmp_path):
+    from finetune.decide import decide
+
+    generator = np.random.default_rng(4)
+    for split in range(2):
+        for seed in (1, 2, 3):
+            base = generator.random(300) < 0.9
+            fake_run(tmp_path / f"full_split{split}_seed{seed}", "full", seed, base, 50.0, 1000,
+                     split=f"digits-split-{split}", val=0.9)
+            fake_run(tmp_path / f"freeze_split{split}_seed{seed}", "freeze", seed, base & (generator.random(300) < 0.7),
+                     5.0, 10, split=f"digits-split-{split}", val=0.6)
+    decision = decide(collect_runs(tmp_path))
+    freeze = decision["strategies"]["freeze"]
+    assert freeze["splits"] == 2 and freeze["paired_runs"] == 6 and freeze["verdict"] == "different"
+    assert decision["reference"] == "full" and decision["by_time"] == "full"
 
 
 @pytest.mark.parametrize("seeds,expected", [("[]", "compare.seeds is empty"), ("[1,2,1]", "repeats [1]")])
