@@ -11,10 +11,10 @@ estimated by the two-way random-effects ANOVA (method of moments):
 - var_residual: the seed x image interaction (the borderline images a seed flips).
 
 For the difference between a strategy and the reference, the table holds the per-(seed, image) difference of their
-correctness (runs paired by seed, images by test index). The interval is t-based with Satterthwaite's degrees of
-freedom, so with few seeds it widens by the t quantile of the seeds' degrees of freedom, where a percentile bootstrap
-cannot reach beyond the best and worst seed. Splits add a third level: the mean over splits, with the variance
-between split means where it exceeds what the per-split parts predict (then K - 1 degrees of freedom).
+correctness (runs paired by seed, images by test index). The interval is a generalized pivot that carries the seed
+part's few degrees of freedom exactly (see `interval`), so with few seeds it widens as it must, where a percentile
+bootstrap cannot reach beyond the best and worst seed. Splits add a third level: the mean over splits, with the t
+interval over split means where they scatter more than the per-split parts predict (K - 1 degrees of freedom).
 
 `python -m finetune.paired_statistics` prints the simulations (false "different" rate, coverage, power, the chance
 of showing equivalence) that justify the method and the defaults; tests/test_compare.py asserts them.
