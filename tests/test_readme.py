@@ -181,7 +181,7 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         assert result["test_acc"] == pytest.approx(json.loads((main_run / "metrics.json").read_text())["test_acc"],
                                                    abs=0.005)
     elif how == "compare":
-        from finetune.compare.cli import cli as compare
+        from finetune.compare import cli as compare
 
         def sweep_in_this_process(command: list[str]) -> int:
             """The compare's `finetune-train -m` sweep, run by its main() in this process with Hydra's basic

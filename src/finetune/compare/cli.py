@@ -1,5 +1,6 @@
-"""finetune-compare: every strategy on one backbone and dataset, once per seed; a report that says what the data
-supports (intervals, paired tests, a recommendation), a table and a figure.
+"""finetune-compare: every strategy on one backbone and dataset, once per seed (and per split with compare.splits);
+a report that says what the data supports (intervals, paired differences to a reference chosen on val, verdicts, a
+recommendation), a table and a figure.
 
 `finetune-compare backbone=timm backbone.name=resnet18 data=image_folder data.root=...` applies the overrides to
 every run. The runs are one Hydra sweep (`finetune-train -m strategy=... seed=...`) through Hydra's launcher: by
@@ -20,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from finetune.config import CONFIG_DIR
+from finetune.compare.decide import BEST_VAL, DEFAULT_MARGIN_POINTS
 from finetune.run.failures import report_user_errors
 from finetune.errors import ConfigError
 from finetune.compare.report import collect_runs, format_text, succeeded, write_report
@@ -27,6 +29,7 @@ from finetune.compare.report import collect_runs, format_text, succeeded, write_
 log = logging.getLogger("finetune")
 OWN_KEYS = ("from", "hydra.", "hydra/", "compare.", "strategy=", "task_name")
 RUN_FOLDER = "${hydra.runtime.choices.strategy}_seed${seed}"
+SPLIT_RUN_FOLDER = "${hydra.runtime.choices.strategy}_split${data.split_seed}_seed${seed}"
 
 
 def available_strategies() -> list[str]:
@@ -49,18 +52,53 @@ def checked_seeds(seeds) -> list[int]:
     return seeds
 
 
-def sweep_command(strategies: list[str], seeds: list[int], cfg: DictConfig, output_dir: Path) -> list[str]:
-    """The `finetune-train -m` sweep of strategies x seeds: the user's overrides for every run, the launcher chosen
-    for this compare (hydra/launcher=..., hydra.launcher.*), each run in <output_dir>/<strategy>_seed<seed>."""
+def checked_statistics(cfg: DictConfig) -> dict:
+    """compare.alpha, compare.margin (accuracy points), compare.reference and compare.splits, refused in one line when
+    out of range."""
+    alpha = float(cfg.compare.get("alpha", 0.05))
+    if not 0 < alpha < 1:
+        raise ConfigError(f"compare.alpha={alpha} must be between 0 and 1 (e.g. 0.05)")
+    margin = cfg.compare.get("margin", DEFAULT_MARGIN_POINTS)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < 100:
+        raise ConfigError(f"compare.margin={margin} is in accuracy points and must lie strictly between 0 and 100 "
+                          f"(e.g. {DEFAULT_MARGIN_POINTS:g}: equivalent means within +-{DEFAULT_MARGIN_POINTS:g} points)")
+    splits = cfg.compare.get("splits", 1)
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ConfigError(f"compare.splits={splits} must be an integer of at least 1 (1: the one split of "
+                          f"data.split_seed; K: data.split_seed, +1, ..., +K-1)")
+    reference = str(cfg.compare.get("reference") or BEST_VAL)
+    return {"alpha": alpha, "margin_points": float(margin), "reference": reference, "splits": splits}
+
+
+def checked_reference(reference: str, strategies: list[str]) -> None:
+    if reference != BEST_VAL and reference not in strategies:
+        raise ConfigError(f"compare.reference={reference} is not among the strategies compared; choose one of: "
+                          f"{', '.join([BEST_VAL, *strategies])}")
+
+
+def split_seeds(cfg: DictConfig, splits: int) -> list[int]:
+    """data.split_seed, then the next splits - 1 integers: one stratified split each."""
+    first = int(cfg.data.get("split_seed", 0) or 0)
+    return [first + k for k in range(splits)]
+
+
+def sweep_command(strategies: list[str], seeds: list[int], cfg: DictConfig, output_dir: Path,
+                  splits: list[int] | None = None) -> list[str]:
+    """The `finetune-train -m` sweep of strategies x seeds (x data.split_seed when `splits` has more than one): the
+    user's overrides for every run, the launcher chosen for this compare (hydra/launcher=..., hydra.launcher.*), each
+    run in <output_dir>/<strategy>_seed<seed> (<strategy>_split<k>_seed<seed>)."""
     hydra_cfg = HydraConfig.get()
-    task = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(OWN_KEYS)]
+    several = splits is not None and len(splits) > 1
+    own = OWN_KEYS + (("data.split_seed=",) if several else ())
+    task = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(own)]
     launcher = hydra_cfg.runtime.choices.get("hydra/launcher", "local_processes")
     passed = [o for o in hydra_cfg.overrides.hydra if o.startswith(("hydra.launcher.", "hydra.searchpath"))]
     if launcher == "local_processes" and not any(o.startswith("hydra.launcher.jobs=") for o in passed):
         passed.append(f"hydra.launcher.jobs={int(cfg.compare.get('jobs', 1))}")
+    split_sweep = [f"data.split_seed={','.join(str(k) for k in splits)}"] if several else []
     return [sys.executable, "-m", "finetune.train", "-m", f"strategy={','.join(strategies)}",
-            f"seed={','.join(str(s) for s in seeds)}", *task, f"hydra/launcher={launcher}", *passed,
-            f"hydra.sweep.dir={output_dir}", f"hydra.sweep.subdir={RUN_FOLDER}"]
+            f"seed={','.join(str(s) for s in seeds)}", *split_sweep, *task, f"hydra/launcher={launcher}", *passed,
+            f"hydra.sweep.dir={output_dir}", f"hydra.sweep.subdir={SPLIT_RUN_FOLDER if several else RUN_FOLDER}"]
 
 
 def run_sweep(command: list[str]) -> int:
@@ -69,14 +107,16 @@ def run_sweep(command: list[str]) -> int:
     return subprocess.run(command).returncode
 
 
+def statistics_of_report(statistics: dict) -> dict:
+    return {key: statistics[key] for key in ("alpha", "margin_points", "reference")}
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     source = cfg.get("from")
-    alpha = float(cfg.compare.get("alpha", 0.05))
-    if not 0 < alpha < 1:
-        raise ConfigError(f"compare.alpha={alpha} must be between 0 and 1 (e.g. 0.05)")
+    statistics = checked_statistics(cfg)
     if source:
         if not Path(source).is_dir():
             raise ConfigError(f"from={source} is not a folder (expected a multirun or compare output folder)")
@@ -84,6 +124,7 @@ def main(cfg: DictConfig) -> None:
         if not succeeded(rows):
             raise ConfigError(f"from={source} holds no <run>/metrics.json"
                               + (f" ({len(rows)} failed runs)" if rows else ""))
+        checked_reference(statistics["reference"], sorted({r["strategy"] for r in succeeded(rows)}))
         expected = []
     else:
         available = available_strategies()
@@ -95,12 +136,15 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError("finetune-compare trains every strategy once per seed of compare.seeds: set "
                               "compare.seeds=[...] instead of seed=")
         seeds = checked_seeds(cfg.compare.seeds)
-        run_sweep(sweep_command(strategies, seeds, cfg, output_dir))
+        checked_reference(statistics["reference"], strategies)
+        splits = split_seeds(cfg, statistics["splits"])
+        run_sweep(sweep_command(strategies, seeds, cfg, output_dir, splits))
         rows = collect_runs(output_dir)
         if not succeeded(rows):
             raise ConfigError(f"every run failed; see the train.log files under {output_dir}")
-        expected = [f"{s}_seed{seed}" for s in strategies for seed in seeds]
-    paths, summary = write_report(rows, output_dir, title=cfg.compare.title, alpha=alpha)
+        expected = [f"{s}_seed{seed}" if len(splits) == 1 else f"{s}_split{k}_seed{seed}"
+                    for s in strategies for k in splits for seed in seeds]
+    paths, summary = write_report(rows, output_dir, title=cfg.compare.title, **statistics_of_report(statistics))
     print(format_text(summary))
     reported = {Path(r["run_dir"]).name for r in rows}
     unreported = [name for name in expected if name not in reported]

@@ -8,14 +8,19 @@ import math
 from pathlib import Path
 
 from finetune.run.failures import FAILURE_FILE
-from finetune.compare.statistics import decide
+from finetune.compare.decide import BEST_VAL, DEFAULT_MARGIN_POINTS, decide
 
 COLUMNS = [  # (key of a strategy's row: metrics.json's, averaged over seeds, or decide's; column header, format)
     ("strategy", "strategy", "{}"),
     ("test_acc", "test acc", "{:.4f}"),
     ("test_acc_interval", "95% interval", "{}"),
-    ("p_holm", "p vs best", "{:.3g}"),
+    ("seed_sd_points", "seed sd (points)", "{:.2f}"),
+    ("difference", "difference to reference (points, 95%)", "{}"),
+    ("verdict", "verdict", "{}"),
+    ("detectable_points", "detectable (points)", "{:.1f}"),
     ("seeds", "seeds", "{}"),
+    ("splits", "splits", "{}"),
+    ("cost_seconds", "cost s (fit + extraction)", "{:.1f}"),
     ("best_val_acc", "best val acc", "{:.4f}"),
     ("fit_seconds", "fit s", "{:.1f}"),
     ("train_samples_per_second", "train samples/s", "{:,.0f}"),
@@ -53,7 +58,7 @@ def collect_runs(folder: str | Path) -> list[dict]:
 
 def by_strategy(rows: list[dict], decision: dict | None = None) -> list[dict]:
     """One row per strategy, in the runs' order: numbers averaged over its seeds' runs, the rest from its first run,
-    and decide()'s interval and paired test."""
+    and decide()'s intervals and verdict."""
     groups: dict[str, list[dict]] = {}
     for row in succeeded(rows):
         groups.setdefault(row["strategy"], []).append(row)
@@ -73,7 +78,14 @@ def by_strategy(rows: list[dict], decision: dict | None = None) -> list[dict]:
             s = stats[strategy]
             row.update(test_acc=round(s["test_acc_mean"], 6), ci_low=round(s["ci_low"], 6),
                        ci_high=round(s["ci_high"], 6), test_acc_interval=f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]",
-                       p_raw=s["p_raw"], p_holm=s["p_holm"], distinguishable=s["distinguishable"])
+                       seed_sd_points=100 * s["seed_sd"], verdict=s["verdict"], splits=s["splits"],
+                       seeds=s["seeds"], cost_seconds=s["fit_cost_seconds"])
+            if "diff_low" in s:
+                row.update(diff_points=round(100 * s["diff"], 4), diff_low_points=round(100 * s["diff_low"], 4),
+                           diff_high_points=round(100 * s["diff_high"], 4), detectable_points=100 * s["detectable"],
+                           diff_seed_sd_points=100 * s["diff_seed_sd"],
+                           difference=f"{100 * s['diff']:+.1f} [{100 * s['diff_low']:+.1f}, "
+                                      f"{100 * s['diff_high']:+.1f}]")
         merged.append(row)
     return merged
 
@@ -88,17 +100,18 @@ def failure_lines(rows: list[dict]) -> list[str]:
 
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
-    if key == "p_holm" and value is None and "ci_low" in row:
-        return "best"
+    if key == "difference" and row.get("verdict") == "reference":
+        return "reference"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-" if key not in ("extract_seconds", "cache_hit") or row.get("strategy") == "cached" else ""
     return fmt.format(value)
 
 
-def summarise(rows: list[dict], alpha: float = 0.05) -> dict:
-    """The report's content: one row per strategy (means over seeds, interval, paired test), the decision (best,
+def summarise(rows: list[dict], alpha: float = 0.05, margin_points: float = DEFAULT_MARGIN_POINTS,
+              reference: str = BEST_VAL) -> dict:
+    """The report's content: one row per strategy (means over seeds, intervals, verdict), the decision (reference,
     recommendation lines) and the failed runs."""
-    decision = decide(succeeded(rows), alpha)
+    decision = decide(succeeded(rows), margin_points, reference, alpha)
     return {"strategies": by_strategy(rows, decision), "decision": decision, "failures": failure_lines(rows),
             "runs": rows}
 
@@ -162,10 +175,10 @@ def plot(summary: dict, path: Path, title: str) -> None:
     colors = [palette(i % palette.N) for i in range(len(rows))]
     fig, ((left, middle), (memory, classes)) = plt.subplots(2, 2, figsize=(16, 10.5))
     for row, color in zip(rows, colors):
-        total = row["fit_seconds"] + (row.get("extract_seconds") or 0.0)
+        total = row.get("cost_seconds", row["fit_seconds"])
         accuracy = 100 * row["test_acc"]
         error = None
-        if "ci_low" in row:  # the 95% interval (bootstrap over seeds and test samples)
+        if "ci_low" in row:  # the 95% interval (over seeds, splits and test samples)
             error = [[accuracy - 100 * row["ci_low"]], [100 * row["ci_high"] - accuracy]]
         left.errorbar(total, accuracy, yerr=error, fmt="o", markersize=8, capsize=4, color=color, zorder=3,
                       label=row["strategy"])
@@ -174,7 +187,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
     left.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.margins(x=0.15, y=0.2)
-    left.set_xlabel("fit time, seconds (log; cached includes feature extraction; mean over seeds)")
+    left.set_xlabel("cost: fit time, seconds (log; one feature extraction charged to each cache reader; mean)")
     left.set_ylabel("test accuracy, % (mean over seeds, 95% interval)")
     left.set_title("accuracy against training time")
     left.grid(True, which="both", alpha=0.3)
@@ -200,7 +213,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
                         fontsize=8)
     memory.margins(x=0.2)
     roles: dict[str, list[str]] = {}
-    for role, strategy in (("most accurate", decision.get("best")), ("recommended by fit time", decision.get("by_time")),
+    for role, strategy in (("reference", decision.get("best")), ("recommended by fit time", decision.get("by_time")),
                            ("recommended by parameters", decision.get("by_params"))):
         if strategy:
             roles.setdefault(strategy, []).append(role)
@@ -218,7 +231,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
     classes.set_ylim(max(lowest - 10, 0), 100.5)
     classes.set_xlabel("class")
     classes.set_ylabel("test accuracy, % (all seeds)")
-    classes.set_title("per class: the most accurate and the recommended")
+    classes.set_title("per class: the reference and the recommended")
     classes.legend(fontsize=8, loc="lower right")
     classes.grid(True, axis="y", alpha=0.3)
     fig.suptitle(title + ("\n" + decision["lines"][0] if decision.get("lines") else ""), fontsize=10)
@@ -231,12 +244,13 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
 
 def write_report(rows: list[dict], output_dir: str | Path, title: str = "strategy comparison",
-                 alpha: float = 0.05) -> tuple[dict[str, Path], dict]:
+                 alpha: float = 0.05, margin_points: float = DEFAULT_MARGIN_POINTS,
+                 reference: str = BEST_VAL) -> tuple[dict[str, Path], dict]:
     """comparison.{csv,md,png} (a row per strategy), comparison_runs.csv (a row per run) and
     comparison_per_class.csv in `output_dir`; returns their paths and the summary."""
     if not succeeded(rows):
         raise ValueError(f"no runs with a metrics.json under {output_dir}")
-    summary = summarise(rows, alpha)  # refuses runs that cannot be paired before anything is written
+    summary = summarise(rows, alpha, margin_points, reference)  # refuses runs that cannot be paired before writing
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: output_dir / f"comparison.{kind}" for kind in ("csv", "md", "png")}
