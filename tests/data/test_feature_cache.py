@@ -358,7 +358,8 @@ def test_an_entry_of_the_old_single_file_format_is_extracted_again_and_said_so(t
 def test_the_code_digest_covers_the_preprocessing_module(tiny, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from finetune.data import cached, preprocessing
+    from finetune.data import preprocessing
+    from finetune.data.features import cached
 
     images = build(tiny("strategy=cached"))[0].images
     before = cached.code_versions(images)["source"]

@@ -259,7 +259,8 @@ def test_every_datamodule_splits_with_the_one_hold_out():
     one set of checks); the digits split is the one it always was (stratified, seeded)."""
     import inspect
 
-    from finetune.data import DigitsDataModule, image_folder, torchvision as tv_data
+    from finetune.data import DigitsDataModule
+    from finetune.data.sources import image_folder, torchvision as tv_data
 
     for module in (image_folder, tv_data, DigitsDataModule):
         source = inspect.getsource(module if inspect.ismodule(module) else inspect.getmodule(module))
