@@ -19,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from finetune.config import CONFIG_DIR
+from finetune.config import CONFIG_DIR, config_dir_flags
 from finetune.failures import report_user_errors
 from finetune.errors import ConfigError
 from finetune.report import collect_runs, format_text, succeeded, write_report
@@ -30,10 +30,13 @@ RUN_FOLDER = "${hydra.runtime.choices.strategy}_seed${seed}"
 
 
 def available_strategies() -> list[str]:
-    """Every strategy config Hydra can see: the package's and those on the user's hydra.searchpath."""
+    """Every strategy config Hydra can see: the package's, those in the user's -cd folder and on hydra.searchpath
+    (which only a load with the run's hydra overrides adds)."""
     from hydra.core.global_hydra import GlobalHydra
 
-    return sorted(GlobalHydra.instance().config_loader().get_group_options("strategy"))
+    hydra_cfg = HydraConfig.get()
+    return sorted(GlobalHydra.instance().config_loader().get_group_options(
+        "strategy", config_name=hydra_cfg.job.config_name, overrides=list(hydra_cfg.overrides.hydra)))
 
 
 def checked_seeds(seeds) -> list[int]:
@@ -58,9 +61,9 @@ def sweep_command(strategies: list[str], seeds: list[int], cfg: DictConfig, outp
     passed = [o for o in hydra_cfg.overrides.hydra if o.startswith(("hydra.launcher.", "hydra.searchpath"))]
     if launcher == "local_processes" and not any(o.startswith("hydra.launcher.jobs=") for o in passed):
         passed.append(f"hydra.launcher.jobs={int(cfg.compare.get('jobs', 1))}")
-    return [sys.executable, "-m", "finetune.train", "-m", f"strategy={','.join(strategies)}",
-            f"seed={','.join(str(s) for s in seeds)}", *task, f"hydra/launcher={launcher}", *passed,
-            f"hydra.sweep.dir={output_dir}", f"hydra.sweep.subdir={RUN_FOLDER}"]
+    return [sys.executable, "-m", "finetune.train", *config_dir_flags(hydra_cfg), "-m",
+            f"strategy={','.join(strategies)}", f"seed={','.join(str(s) for s in seeds)}", *task,
+            f"hydra/launcher={launcher}", *passed, f"hydra.sweep.dir={output_dir}", f"hydra.sweep.subdir={RUN_FOLDER}"]
 
 
 def run_sweep(command: list[str]) -> int:
