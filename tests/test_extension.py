@@ -86,3 +86,19 @@ def test_a_user_backbone_checkpoint_evaluates_through_finetune_eval(tmp_path):
                                                 "trainer.enable_progress_bar=false", EXTENSION[0]],
                                      config_name="eval"))
     assert abs(result["test_acc"] - metrics["test_acc"]) <= 0.005
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["config_dir", "searchpath"])
+def test_compare_finds_and_runs_a_user_strategy_from_the_users_config_folder(tmp_path, how):
+    """-cd my_configs: compare listed the user's strategies but its sweep could not find them; hydra.searchpath:
+    compare did not see them at all. Both now train lp_ft_tiny (it lives in tests/extension/configs only)."""
+    from tests.test_cli import run_main
+
+    configs = str(TESTS_DIR / "extension" / "configs")
+    flags = ["-cd", configs] if how == "config_dir" else [f"hydra.searchpath=[file://{configs}]"]
+    result = run_main("finetune.compare.cli", *flags, *TINY, "compare.strategies=[lp_ft_tiny]",
+                      "compare.seeds=[1]", f"hydra.run.dir={tmp_path / 'compare'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "compare" / "lp_ft_tiny_seed1" / "metrics.json").read_text())
+    assert metrics["strategy"] == "lp_ft"

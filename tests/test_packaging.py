@@ -47,3 +47,17 @@ def test_a_built_wheel_runs_the_main_job_from_an_empty_folder(tmp_path):
     launcher = subprocess.run([str(site / "bin" / "finetune-compare"), "--cfg", "hydra", "--package", "hydra.launcher"],
                               cwd=empty, env=env, capture_output=True, text=True, timeout=120)
     assert "LocalProcessesLauncher" in launcher.stdout, launcher.stderr[-2000:]
+
+
+def test_no_internal_issue_numbers_in_the_docs_code_or_tests():
+    """A reader has no access to this project's tracker: an issue or review number says nothing to them; the text
+    says what the figure or the fault was instead."""
+    import re
+
+    reference = re.compile(r"\b(issue|review|ticket|PR)\s?#\d+", re.IGNORECASE)
+    files = [ROOT / "README.md", *(p for folder in ("src", "tests", "scripts", "docs") for p in (ROOT / folder).rglob("*")
+                                   if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".sh", ".txt", ".toml")
+                                   and "egg-info" not in str(p))]
+    found = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}" for path in files
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if reference.search(line)]
+    assert len(files) > 50 and found == [], "\n".join(found)

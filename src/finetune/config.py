@@ -53,6 +53,13 @@ def instantiate(node, **kwargs):
         raise cause from None
 
 
+def config_dir_flags(hydra_cfg) -> list[str]:
+    """`-cd <folder>` for the config folder this run's command line added (Hydra records it as a config source of
+    provider "command-line", made absolute), for another command that must see the same configs."""
+    return [flag for source in hydra_cfg.runtime.config_sources
+            if source.provider == "command-line" and source.schema == "file" for flag in ("-cd", source.path)]
+
+
 def strategy_names() -> list[str]:
     """Every strategy the package ships: one configs/strategy/<name>.yaml each (the only list there is)."""
     return sorted(p.stem for p in Path(CONFIG_DIR, "strategy").glob("*.yaml"))

@@ -127,7 +127,7 @@ HEAD_HIDDEN = ["mobilenetv3_small_050", "mobilenetv4_conv_small", "ghostnet_100"
 def test_backbones_with_a_head_of_their_own_train_with_every_kind_of_strategy_and_export(tmp_path, name):
     """timm's num_features is the width before these models' head conv; what they return with num_classes=0 is
     head_hidden_size wide (1024 or 1280). They were refused ("outputs features of shape (1024,) but declares
-    num_features=288", review #7); now they train head-only, cached, full, staged and PEFT, and export to plain
+    num_features=288"); now they train head-only, cached, full, staged and PEFT, and export to plain
     timm."""
     import timm
 

@@ -69,7 +69,7 @@ def test_the_resolved_config_reaches_csv_and_tensorboard(tiny, tmp_path):
 def test_metrics_json_names_what_it_stores_whatever_the_checkpoint_monitors(tmp_path):
     """callbacks.model_checkpoint.monitor=val/loss: best_val_acc is still the best logged val/acc (it held the
     monitored loss before, and optimized_metric=val/acc maximised that loss), the monitor and its best score stand
-    beside it (review #3)."""
+    beside it."""
     import json
 
     from finetune.train import OPTIMIZABLE, objective, train

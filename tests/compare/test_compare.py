@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -295,7 +296,7 @@ def test_compare_from_refuses_runs_that_cannot_be_paired(tmp_path, problem):
     ("compare.reference=frozen", "compare.reference=frozen is not among the strategies compared; choose one of: "
                                  "best_val, freeze, full")])
 def test_compare_refuses_bad_statistics_settings_before_running_anything(tmp_path, monkeypatch, setting, expected):
-    from finetune.compare import cli as compare
+    from finetune.compare.cli import cli as compare
 
     commands = []
     monkeypatch.setattr(compare, "run_sweep", lambda command: commands.append(command) or 0)
@@ -306,7 +307,7 @@ def test_compare_refuses_bad_statistics_settings_before_running_anything(tmp_pat
 
 
 def test_compare_splits_sweeps_the_split_seed(tmp_path, monkeypatch):
-    from finetune.compare import cli as compare
+    from finetune.compare.cli import cli as compare
 
     commands = []
     monkeypatch.setattr(compare, "run_sweep", lambda command: commands.append(command) or 1)
@@ -378,7 +379,8 @@ class HydraContextStub:
 
 def test_the_launcher_runs_jobs_at_once_and_gives_each_its_own_gpu(monkeypatch, tmp_path):
     """local_processes with jobs=2 on a (pretend) 2-GPU node: two children at a time, each CUDA_VISIBLE_DEVICES a
-    different GPU, the next started as soon as either finishes; a failed job is reported failed, the rest go on."""
+    different GPU, the next started as soon as either finishes; each job's JobReturn holds the value it wrote, a
+    failed job's None (as a job the in-process launcher runs returns), and the rest go on."""
     from hydra_plugins.finetune_launcher import local_processes
 
     started, finished = [], []
@@ -388,6 +390,8 @@ def test_the_launcher_runs_jobs_at_once_and_gives_each_its_own_gpu(monkeypatch, 
             self.name = next(w for w in command if w.startswith("strategy=")).split("=", 1)[1]
             self.gpu, self.polls, self.returncode = env["CUDA_VISIBLE_DEVICES"], {"long": 30}.get(self.name, 2), None
             started.append((self.name, self.gpu, [n for n, _, _ in started if n not in finished]))
+            if self.name != "bad":  # what report_user_errors writes for a job that returned
+                Path(env[local_processes.JOB_RETURN_ENV]).write_text(json.dumps({"return_value": len(self.name)}))
 
         def poll(self):
             self.polls -= 1
@@ -404,13 +408,35 @@ def test_the_launcher_runs_jobs_at_once_and_gives_each_its_own_gpu(monkeypatch, 
     results = launcher.launch([[f"strategy={name}"] for name in ("long", "short", "bad", "last")], 0)
     assert [(name, gpu) for name, gpu, _ in started] == [("long", "3"), ("short", "5"), ("bad", "5"), ("last", "5")]
     assert started[-1][2] == ["long"], "the last started while the long one still ran"
-    assert [r.status.name for r in results] == ["COMPLETED", "COMPLETED", "FAILED", "COMPLETED"]
+    assert [r.status.name for r in results] == ["COMPLETED"] * 4
+    assert [r.return_value for r in results] == [4, 5, None, 4]
+    failure = json.loads((tmp_path / "sweep" / "2" / "failure.json").read_text())
+    assert failure["job"] == 2 and "exited with 1 without a failure record" in failure["error"]
+
+
+@pytest.mark.slow
+def test_a_failed_job_of_a_local_processes_sweep_ends_in_the_summary_and_jobs_return_their_metric(tmp_path):
+    """One job of two fails in its own process: the sweep used to end in Hydra's traceback ("job 1 exited with 2")
+    without the summary; now the other job finishes, the summary names the failed one, exit 1, no traceback. The
+    finished job's value is its optimized_metric (what an Optuna sweeper reads), not its exit code."""
+    sweep = tmp_path / "sweep"
+    result = run_cli("finetune.train", "-m", *TINY, "strategy=freeze", "trainer.max_epochs=1",
+                     "optimized_metric=val/loss,val/nope", "hydra/launcher=local_processes",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    summary = result.stderr[result.stderr.index("1 of 2 jobs failed"):]
+    assert "job 1 [" in summary and "optimized_metric=val/nope" in summary
+    assert "optimized_metric='val/nope'; choose one of" in summary
+    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    returned = json.loads((sweep / "0" / "job_return.json").read_text())["return_value"]
+    assert returned == pytest.approx(metrics["best_val_loss"]) and returned > 0
 
 
 def test_compare_on_slurm_composes_the_submitit_sweep(tmp_path, monkeypatch):
     """`finetune-compare hydra/launcher=slurm ...`: the sweep it starts uses the submitit launcher with the user's
     settings, every (strategy, seed) a SLURM job; composed here (no cluster), as the sweep would compose it."""
-    from finetune.compare import cli as compare
+    from finetune.compare.cli import cli as compare
 
     commands = []
     monkeypatch.setattr(compare, "run_sweep", lambda command: commands.append(command) or 1)

@@ -160,7 +160,7 @@ def test_another_extraction_mode_misses(tiny, monkeypatch):
 
 def test_extraction_follows_the_runs_precision(tiny, monkeypatch):
     """cached extracted under bf16 autocast on a GPU even with trainer.precision=32-true, while eval and predict ran
-    the backbone in fp32 (review #6): extraction now runs in the run's precision (here on the CPU, where
+    the backbone in fp32: extraction now runs in the run's precision (here on the CPU, where
     trainer.precision=bf16-mixed autocasts too), and the key says which."""
     from finetune.data.features import cached
 

@@ -201,3 +201,44 @@ def test_an_unreadable_file_is_named_while_the_store_is_built(tmp_path, decoder)
         with pytest.raises(CorruptImageError, match=rf"cannot read image .*{name}"):
             images.prepare_data()
         (root / "val" / "b" / name).unlink()
+
+
+@pytest.mark.parametrize("augment", ["random_resized_crop", "flip"])
+def test_pil_path_augmentation_is_a_function_of_seed_epoch_and_index_and_leaves_global_rng_alone(tmp_path, monkeypatch,
+                                                                                                augment):
+    """The PIL path reseeded torch's global RNG per sample (torch.manual_seed, which also reseeds every CUDA
+    generator, and never restores those): with num_workers=0 on a GPU, dropout drew from a data-derived seed."""
+    root = noisy_folder(tmp_path / "images", sizes=((50, 37), (37, 61), (64, 64), (45, 90)) * 4)
+
+    def loader(workers: int, epoch: int = 0, augmentation: str = augment):
+        images, _ = build(compose_config(tmp_path, image_run(root, f"data.augment={augmentation}",
+                                                             f"data.num_workers={workers}")))
+        batches = images.split_loader("train", 4, shuffle=True, drop_last=True)
+        batches.sampler.epoch = epoch
+        return batches
+
+    first = loader(0)  # building the model draws from the global RNG; reading the data must not
+    torch.manual_seed(1234)
+    cpu_state = torch.get_rng_state()
+    reseeded = []
+    for name in ("manual_seed", "manual_seed_all", "seed", "seed_all", "set_rng_state", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, _name=name, **kwargs: reseeded.append(_name))
+    in_process = list(first)
+    assert reseeded == [], "the CUDA generators were reseeded"
+    assert torch.equal(torch.get_rng_state(), cpu_state), "the global CPU generator moved"
+    assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(1234))), \
+        "the next global draws are those seed 1234 gives"
+
+    torch.manual_seed(99)  # another global state, workers: the same samples (a function of seed, epoch, index)
+    for (inputs, labels), (expected, expected_labels) in zip(loader(2), in_process, strict=True):
+        assert torch.equal(labels, expected_labels) and torch.equal(inputs, expected)
+    inputs = torch.cat([b[0] for b in in_process])
+    assert inputs.shape == (28, 3, 32, 32) and inputs.dtype == torch.uint8
+    assert not torch.equal(torch.cat([b[0] for b in loader(0, epoch=1)]), inputs), "another epoch, other draws"
+    if augment == "flip":  # the eval crop of each image or its mirror, some of each
+        plain = torch.cat([b[0] for b in loader(0, augmentation="none")])
+        same = [torch.equal(a, b) for a, b in zip(inputs, plain)]
+        mirrored = [torch.equal(a, b.flip(-1)) and not s for a, b, s in zip(inputs, plain, same)]
+        assert all(s or m for s, m in zip(same, mirrored)) and 0 < sum(mirrored) < 28
+    else:  # crops of 8-100% of the image at every position: no two samples alike, none the whole image resized
+        assert len(torch.unique(inputs.flatten(1), dim=0)) == 28

@@ -153,7 +153,7 @@ def test_the_rank_relaunch_keeps_config_flags_and_user_hydra_overrides_but_not_t
 def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_one_line_error(tmp_path):
     """Two gloo processes, a non-finite loss on rank 1 only: the guard reduces its flag across ranks at each check,
     so both stop with the error; it used to stop rank 1 alone while rank 0 waited in its next all-reduce until the
-    process group's timeout (review #10)."""
+    process group's timeout."""
     import subprocess
     import sys
 

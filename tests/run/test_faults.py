@@ -217,7 +217,7 @@ def test_image_folder_test_on_val_only_when_asked_and_it_says_so(tmp_path, caplo
 
 
 def test_a_flat_folder_with_test_fraction_0_tests_on_val_as_documented(tmp_path, caplog):
-    """root/<class>/* with data.test_fraction=0 raised scikit-learn's InvalidParameterError (review #8)."""
+    """root/<class>/* with data.test_fraction=0 raised scikit-learn's InvalidParameterError."""
     from tests.conftest import make_image_folder
 
     root = make_image_folder(tmp_path / "flat", per_class=10, split_dirs=("",))
@@ -236,7 +236,7 @@ def test_a_flat_folder_with_test_fraction_0_tests_on_val_as_documented(tmp_path,
 ])
 def test_image_folder_split_mistakes_are_one_line_with_exit_2(tmp_path, change, expected):
     """A class with one image, or fractions that leave a split without a class, raised raw ValueErrors; fractions
-    were never checked (review #8). The flat layout splits 20 images of 2 classes (18 stay after the test share)."""
+    were never checked. The flat layout splits 20 images of 2 classes (18 stay after the test share)."""
     from tests.conftest import make_image_folder
 
     root = make_image_folder(tmp_path / "flat", per_class=10, split_dirs=("",))
@@ -292,7 +292,7 @@ def test_batch_limiting_trainer_flags_work_with_in_memory_loaders(tiny, strategy
 
 
 def test_seed_null_draws_a_seed_logs_it_and_metrics_json_records_it(tmp_path, caplog):
-    """seed=null crashed with a raw TypeError at int(seed) in the datamodule (review #9): a seed is drawn, logged and
+    """seed=null crashed with a raw TypeError at int(seed) in the datamodule: a seed is drawn, logged and
     recorded, and passing it again repeats the run."""
     import json
 
@@ -311,7 +311,7 @@ def test_seed_null_draws_a_seed_logs_it_and_metrics_json_records_it(tmp_path, ca
 @pytest.mark.parametrize("world", [1, 4])
 def test_one_drop_last_rule_for_in_memory_data_image_files_and_the_store(tmp_path, world):
     """Drop-last was decided per dataset for image files but per rank for in-memory data, so few images on many
-    GPUs could give the image loader no batch (review #12). Now every train loader batches through IndexBatchSampler:
+    GPUs could give the image loader no batch. Now every train loader batches through IndexBatchSampler:
     a rank's last partial batch is dropped only when the rank has more than one batch."""
     from types import SimpleNamespace
 

@@ -45,7 +45,7 @@ def test_resuming_with_a_changed_config_names_what_differs_and_how_to_restore_it
 
 def test_resuming_on_another_number_of_processes_is_refused_with_the_overrides_to_use(tmp_path):
     """The steps per epoch, and with them the phase starts and each rank's data, depend on devices x nodes: a
-    checkpoint of a 2-process run resumed by one process is refused, naming trainer.devices=2 (review #5)."""
+    checkpoint of a 2-process run resumed by one process is refused, naming trainer.devices=2."""
     fit(compose_config(tmp_path / "a", [*TINY, "strategy=freeze", "trainer.max_epochs=1"]))
     checkpoint = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["finetune"]["processes"] == {"devices": 1, "num_nodes": 1}

@@ -139,7 +139,7 @@ def test_position_embeddings_and_tokens_get_no_weight_decay(tmp_path):
 @pytest.mark.parametrize("strategy", [GRADUAL, ["strategy=freeze"]], ids=["gradual", "freeze"])
 def test_frozen_batchnorm_stays_in_eval_after_lightning_swaps_the_modules(tmp_path, strategy):
     """trainer.sync_batchnorm=true replaces every BatchNorm after the strategy's prepare(); a strategy that held the
-    old module objects put only those back into eval, and the new, frozen ones trained (review #2). Simulated on the
+    old module objects put only those back into eval, and the new, frozen ones trained. Simulated on the
     CPU by a strategy that swaps the modules where Lightning's layer sync does."""
     cfg = compose_config(tmp_path, [*TINY, *strategy, "++trainer.max_steps=4",
                                     "+trainer.strategy._target_=tests.run.faults.BatchNormSwappingStrategy",
@@ -227,7 +227,7 @@ def test_feature_drift_is_exactly_zero_when_the_backbone_is_frozen(tmp_path):
 
 def test_feature_drift_is_measured_without_the_audit_callback(tmp_path):
     """callbacks=none turns the freeze audit off, whose snapshot feature_drift read: it disappeared without a word
-    (review #14); train() now keeps its own snapshot of the backbone as built."""
+   ; train() now keeps its own snapshot of the backbone as built."""
     audited = train(compose_config(tmp_path / "a", [*TINY, "strategy=full", "trainer.max_epochs=1"]))
     without = [o for o in TINY if o != "~callbacks.progress_bar"]
     alone = train(compose_config(tmp_path / "b", [*without, "strategy=full", "trainer.max_epochs=1", "callbacks=none"]))

@@ -20,8 +20,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from finetune.config import CONFIG_DIR
 from finetune.compare.decide import BEST_VAL, DEFAULT_MARGIN_POINTS
+from finetune.config import CONFIG_DIR, config_dir_flags
 from finetune.run.failures import report_user_errors
 from finetune.errors import ConfigError
 from finetune.compare.report import collect_runs, format_text, succeeded, write_report
@@ -33,10 +33,13 @@ SPLIT_RUN_FOLDER = "${hydra.runtime.choices.strategy}_split${data.split_seed}_se
 
 
 def available_strategies() -> list[str]:
-    """Every strategy config Hydra can see: the package's and those on the user's hydra.searchpath."""
+    """Every strategy config Hydra can see: the package's, those in the user's -cd folder and on hydra.searchpath
+    (which only a load with the run's hydra overrides adds)."""
     from hydra.core.global_hydra import GlobalHydra
 
-    return sorted(GlobalHydra.instance().config_loader().get_group_options("strategy"))
+    hydra_cfg = HydraConfig.get()
+    return sorted(GlobalHydra.instance().config_loader().get_group_options(
+        "strategy", config_name=hydra_cfg.job.config_name, overrides=list(hydra_cfg.overrides.hydra)))
 
 
 def checked_seeds(seeds) -> list[int]:
@@ -96,9 +99,10 @@ def sweep_command(strategies: list[str], seeds: list[int], cfg: DictConfig, outp
     if launcher == "local_processes" and not any(o.startswith("hydra.launcher.jobs=") for o in passed):
         passed.append(f"hydra.launcher.jobs={int(cfg.compare.get('jobs', 1))}")
     split_sweep = [f"data.split_seed={','.join(str(k) for k in splits)}"] if several else []
-    return [sys.executable, "-m", "finetune.train", "-m", f"strategy={','.join(strategies)}",
-            f"seed={','.join(str(s) for s in seeds)}", *split_sweep, *task, f"hydra/launcher={launcher}", *passed,
-            f"hydra.sweep.dir={output_dir}", f"hydra.sweep.subdir={SPLIT_RUN_FOLDER if several else RUN_FOLDER}"]
+    return [sys.executable, "-m", "finetune.train", *config_dir_flags(hydra_cfg), "-m",
+            f"strategy={','.join(strategies)}", f"seed={','.join(str(s) for s in seeds)}", *split_sweep, *task,
+            f"hydra/launcher={launcher}", *passed, f"hydra.sweep.dir={output_dir}",
+            f"hydra.sweep.subdir={SPLIT_RUN_FOLDER if several else RUN_FOLDER}"]
 
 
 def run_sweep(command: list[str]) -> int:

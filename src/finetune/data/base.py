@@ -7,7 +7,6 @@ batched by index and every rank of a DDP run sees its own shard with the same ep
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any
 
@@ -122,8 +121,9 @@ class WorkerBatchLoader:
 
     batch_sampler = None  # read by Lightning's DataLoader introspection; `sampler` orders the batches
 
-    def __init__(self, dataset: Dataset, sampler: IndexBatchSampler, trainer=None, seed: int = 0, **loader_options):
-        self.dataset, self.sampler, self.trainer, self.seed = dataset, sampler, trainer, seed
+    def __init__(self, dataset: Dataset, sampler: IndexBatchSampler, trainer=None, seed: int = 0, augment=None,
+                 **loader_options):
+        self.dataset, self.sampler, self.trainer, self.seed, self.augment = dataset, sampler, trainer, seed, augment
         self.loader_options = loader_options
 
     def __len__(self) -> int:
@@ -131,34 +131,37 @@ class WorkerBatchLoader:
 
     def __iter__(self):
         done, epoch = batches_done(self.trainer), self.sampler.epoch
+        # the iterator's base seed (its workers' torch seeds) from its own generator: creating it leaves torch's
+        # global stream, which dropout draws from, where it was
+        options = {"generator": torch.Generator().manual_seed(self.seed + epoch), **self.loader_options}
         if getattr(self.dataset, "whole_batches", False):  # the dataset makes a whole batch from (indices, epoch)
             batches = [(batch, epoch) for batch in self.sampler.batches()[done:]]
-            yield from DataLoader(self.dataset, sampler=batches, batch_size=None, **self.loader_options)
+            yield from DataLoader(self.dataset, sampler=batches, batch_size=None, **options)
             return
         batches = [[(index, epoch) for index in batch.tolist()] for batch in self.sampler.batches()[done:]]
-        yield from DataLoader(SeededSamples(self.dataset, self.seed), batch_sampler=batches, **self.loader_options)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    digest = hashlib.sha256(f"{seed}|{epoch}|{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+        yield from DataLoader(SeededSamples(self.dataset, self.seed, self.augment), batch_sampler=batches, **options)
 
 
 class SeededSamples(Dataset):
-    """Item (index, epoch) of a dataset whose transform draws from torch's global RNG, drawn with that RNG seeded by
-    (seed, epoch, index) and restored after: the same augmentation in any worker, batch, rank or restarted run."""
+    """Item (index, epoch) of a dataset whose training transform is a SeededAugment: the sample is named to the
+    transform before it runs, so its augmentation is a function of (seed, epoch, index) and no random state, global
+    or CUDA, is read or changed. With augment=None the item is the dataset's own."""
 
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+    def __init__(self, dataset: Dataset, seed: int, augment=None):
+        self.dataset, self.seed, self.augment = dataset, seed, augment
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+        if self.augment is None:
             return self.dataset[index]
+        self.augment.sample = (self.seed, epoch, index)
+        try:
+            return self.dataset[index]
+        finally:
+            self.augment.sample = None
 
 
 class SequentialIndexBatchSampler(IndexBatchSampler, SequentialSampler):

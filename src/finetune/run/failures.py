@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -67,7 +68,9 @@ def report_user_errors(task):
         if output_dir is not None:
             (output_dir / FAILURE_FILE).unlink(missing_ok=True)  # a rerun into the same folder starts clean
         try:
-            return task(*args, **kwargs)
+            value = task(*args, **kwargs)
+            write_job_return(value)
+            return value
         except Exception as err:
             cause = user_error(err)
             message = one_line(cause) if cause is not None else f"{type(err).__name__}: {first_line(err)}"
@@ -82,6 +85,19 @@ def report_user_errors(task):
             sys.exit(2)
 
     return wrapper
+
+
+# Set by hydra/launcher=local_processes for each job it starts: the file the job writes its return value to, as
+# JSON, which the launcher hands to the sweeper (an Optuna study reads the trial's value from it)
+JOB_RETURN_ENV = "FINETUNE_JOB_RETURN_FILE"
+
+
+def write_job_return(value) -> None:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    path = os.environ.get(JOB_RETURN_ENV)
+    if path and rank_zero_only.rank == 0:
+        Path(path).write_text(json.dumps({"return_value": value}))
 
 
 def first_line(err: BaseException) -> str:

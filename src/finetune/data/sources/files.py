@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 from finetune.data.base import (ImageDataModule, IndexBatchSampler, WorkerBatchLoader, index_batch_loader,
                                 world_and_rank)
 from finetune.data.storage.decode import DECODERS
+from finetune.data.storage.device_augment import crop_boxes, uniform
 from finetune.data.storage.image_store import AugmentedStoreBatches, ImageStore, RowSubset, StoredImages, augment_stored
 from finetune.data.preprocessing import eval_geometry, eval_resize_size
 from finetune.errors import ConfigError
@@ -71,15 +72,14 @@ class FileImageDataModule(ImageDataModule):
         return StoredImages(self.store.entries[split], self.image_size, self.eval_resize, crop, pin_memory,
                             self.preprocessing["interpolation"])
 
-    def transforms(self, train: bool) -> v2.Compose:
+    def transforms(self, train: bool):
+        """The eval geometry; for train the one SeededAugment of this datamodule (split_loader names each sample to
+        it through SeededSamples), or the eval geometry with data.augment=none."""
         if not train or self.augment == "none":
             return eval_geometry(self.preprocessing)
-        if self.augment == "flip":
-            return v2.Compose([eval_geometry(self.preprocessing), v2.RandomHorizontalFlip()])
-        interpolation = InterpolationMode(self.preprocessing["interpolation"])
-        return v2.Compose([v2.ToImage(), v2.RGB(), v2.RandomResizedCrop(self.image_size, interpolation=interpolation,
-                                                                        antialias=True),
-                           v2.RandomHorizontalFlip(), v2.ToDtype(torch.uint8)])
+        if getattr(self, "_train_augment", None) is None:
+            self._train_augment = SeededAugment(self.augment, self.image_size, self.preprocessing)
+        return self._train_augment
 
     def split_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False):
         if self.store is not None:  # batches by index from the map; a train batch carries its indices to augment
@@ -103,7 +103,8 @@ class FileImageDataModule(ImageDataModule):
         # start each epoch (a DataLoader made before a restore would replay the epoch: WorkerBatchLoader)
         world, rank = world_and_rank(self.trainer)
         batches = IndexBatchSampler(len(dataset), batch_size, True, drop_last, world, rank, self.seed)
-        return WorkerBatchLoader(dataset, batches, self.trainer, self.seed, **common)
+        augment = self.transforms(train=True) if split == "train" and self.augment != "none" else None
+        return WorkerBatchLoader(dataset, batches, self.trainer, self.seed, augment, **common)
 
     def subset_loader(self, split: str, indices: torch.Tensor, batch_size: int):
         if self.store is None:
@@ -118,3 +119,29 @@ class FileImageDataModule(ImageDataModule):
         images = augment_stored(images, index, self.seed, epoch, self.augment, self.image_size, self.eval_resize,
                                 self.preprocessing["interpolation"])
         return self.preprocess(images), labels
+
+
+class SeededAugment:
+    """The PIL path's training augmentation (random-resized-crop and flip, or the eval crop flipped) with the image
+    store's draws (crop_boxes, uniform): a function of (seed, epoch, index), which SeededSamples sets in `sample`
+    before each call. torchvision's random transforms would draw from the global RNG, which a per-sample reseed
+    would take from dropout and drop-path (and torch.manual_seed would reseed CUDA's)."""
+
+    def __init__(self, augment: str, size: int, preprocessing: dict):
+        self.augment, self.size, self.preprocessing = augment, size, preprocessing
+        self.sample: tuple[int, int, int] | None = None
+
+    def __call__(self, image) -> torch.Tensor:
+        if self.sample is None:
+            raise RuntimeError("SeededAugment draws per sample: read the dataset through SeededSamples")
+        seed, epoch, index = self.sample
+        key = torch.tensor([index])
+        if self.augment == "flip":  # as the store's augment_stored: the eval crop, flipped by draw 0
+            image, flip = eval_geometry(self.preprocessing)(image), uniform(seed, epoch, key, 0) < 0.5
+        else:
+            image = v2.functional.to_dtype(v2.RGB()(v2.functional.to_image(image)), torch.uint8)
+            top, left, height, width, flip = crop_boxes(seed, epoch, key, *image.shape[-2:])
+            image = v2.functional.resized_crop(image, int(top), int(left), int(height), int(width),
+                                               [self.size, self.size],
+                                               InterpolationMode(self.preprocessing["interpolation"]), antialias=True)
+        return v2.functional.horizontal_flip(image) if bool(flip) else image

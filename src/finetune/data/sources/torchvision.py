@@ -30,24 +30,45 @@ class TransformedSubset(Dataset):
         return self.transform(image), int(label)
 
 
-def _labels(dataset) -> np.ndarray | None:
-    for attribute in ("targets", "_labels", "labels"):
-        values = getattr(dataset, attribute, None)
-        if values is not None:
-            return np.asarray(values)
-    return None
+# Where torchvision's classification datasets keep their labels (read from torchvision 0.29's source): class
+# indices (CIFAR, MNIST, ImageFolder, Places365: targets; DTD, Flowers102, Food101, FGVCAircraft, OxfordIIITPet,
+# SUN397: _labels; SVHN, STL10, SEMEION: labels; Caltech101, Caltech256: y), or (file or image, label) pairs
+# (StanfordCars, GTSRB, FER2013, Imagenette, RenderedSST2: _samples; DatasetFolder: samples; ImageFolder: imgs).
+LABEL_ATTRIBUTES = ("targets", "_labels", "labels", "y")
+PAIR_ATTRIBUTES = ("_samples", "samples", "imgs")
+
+
+def class_labels(dataset, name: str) -> np.ndarray:
+    """The class index of every sample of a torchvision dataset, read the way it stores them; a one-line ConfigError
+    for a dataset without class indices (segmentation, detection, captions, unlabelled splits)."""
+    found = next(((a, getattr(dataset, a)) for a in LABEL_ATTRIBUTES if getattr(dataset, a, None) is not None), None)
+    if found is None:
+        found = next(((a, [pair[1] for pair in getattr(dataset, a)]) for a in PAIR_ATTRIBUTES
+                      if getattr(dataset, a, None) is not None), None)
+    if found is None:
+        raise ConfigError(f"{name} keeps no class labels (none of {', '.join(LABEL_ATTRIBUTES + PAIR_ATTRIBUTES)}): "
+                          f"it is not a classification dataset this datamodule can split; use data=image_folder")
+    attribute, values = found
+    try:
+        labels = np.asarray(values)
+    except ValueError:  # ragged: per-sample lists of targets
+        labels = np.asarray(values, dtype=object)
+    if labels.ndim != 1 or len(labels) != len(dataset) or not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(f"{name}'s {attribute} are not one class index per sample (a segmentation, detection or "
+                          f"unlabelled split?): this datamodule trains classifiers; use data=image_folder")
+    return labels
 
 
 class TorchvisionDataModule(FileImageDataModule):
     def __init__(self, name: str, root: str = "data", download: bool = True, val_fraction: float = 0.1,
-                 split_seed: int = 0, **kwargs):
+                 test_fraction: float = 0.1, split_seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         candidates = sorted(n for n in torchvision.datasets.__all__ if n[0].isupper())
         if name not in candidates:
             raise ConfigError(f"data.name={name!r} is not a torchvision dataset; choose one of: {', '.join(candidates)}")
         self.name, self.root, self.download = name, str(Path(root).expanduser()), download
-        check_fractions(val_fraction)
-        self.val_fraction, self.split_seed = val_fraction, split_seed
+        check_fractions(val_fraction, test_fraction)
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self._datasets: dict[str, tuple[Dataset, np.ndarray]] | None = None
 
     def prepare_data(self) -> None:
@@ -91,13 +112,18 @@ class TorchvisionDataModule(FileImageDataModule):
     @property
     def datasets(self) -> dict[str, tuple[Dataset, np.ndarray]]:
         if self._datasets is None:
+            params = inspect.signature(getattr(torchvision.datasets, self.name)).parameters
+            if "train" not in params and "split" not in params:  # one set of images (Caltech101): hold out val, test
+                self._datasets = self._held_out_splits(self._open())
+                return self._datasets
             train, val, test = self._split("train"), self._split("val"), self._split("test")
             if train is None or test is None:
                 raise ConfigError(f"{self.name} has no train/test splits this datamodule recognises")
             index = np.arange(len(train))
             if val is None:  # carve a stratified val split out of train
-                train_idx, val_idx = hold_out(_labels(train), self.val_fraction, self.split_seed, "data.val_fraction",
-                                              getattr(train, "classes", None), f"{self.name}'s train split")
+                train_idx, val_idx = hold_out(class_labels(train, f"{self.name}'s train split"), self.val_fraction,
+                                              self.split_seed, "data.val_fraction", getattr(train, "classes", None),
+                                              f"{self.name}'s train split")
                 splits = {"train": (train, train_idx), "val": (train, val_idx)}
             else:
                 splits = {"train": (train, index), "val": (val, np.arange(len(val)))}
@@ -105,13 +131,23 @@ class TorchvisionDataModule(FileImageDataModule):
             self._datasets = splits
         return self._datasets
 
+    def _held_out_splits(self, whole: Dataset) -> dict[str, tuple[Dataset, np.ndarray]]:
+        """test (data.test_fraction), then val (data.val_fraction of the whole) held out of a dataset without
+        splits, stratified and seeded (data.split_seed)."""
+        labels, classes = class_labels(whole, self.name), getattr(whole, "classes", None)
+        rest, test = hold_out(labels, self.test_fraction, self.split_seed, "data.test_fraction", classes, self.name)
+        train, val = hold_out(labels[rest], self.val_fraction / (1 - self.test_fraction), self.split_seed,
+                              "data.val_fraction", classes, self.name, 1 - self.test_fraction)
+        self.test_split = f"held out {self.test_fraction:.0%} of {self.name} (data.split_seed={self.split_seed})"
+        return {"train": (whole, rest[train]), "val": (whole, rest[val]), "test": (whole, test)}
+
     @property
     def num_classes(self) -> int:
         dataset = self.datasets["train"][0]
         classes = getattr(dataset, "classes", None)
         if classes is not None:
             return len(classes)
-        return int(_labels(dataset).max()) + 1
+        return int(class_labels(dataset, f"{self.name}'s train split").max()) + 1
 
     @property
     def class_names(self) -> list[str]:
