@@ -20,7 +20,7 @@ from finetune.build import build, instantiate_all
 from finetune.callbacks import FreezeAudit, RunMeter
 from finetune.config import CONFIG_DIR, instantiate
 from finetune.run.failures import report_user_errors
-from finetune.run.distributed import ddp_ranks_join_this_job
+from finetune.run.distributed import ddp_ranks_join_this_job, seed_of_rank_zero
 from finetune.errors import ConfigError
 from finetune.run.feature_drift import feature_drift
 from finetune.run.lightning_internals import wandb_run_started
@@ -34,8 +34,9 @@ DRAWN_SEED_ENV = "FINETUNE_DRAWN_SEED"
 
 def resolve_seed(cfg: DictConfig) -> bool:
     """seed=null: draw a seed, log it and put it in the config (the data seeds and metrics.json read it from there).
-    DDP ranks started by this process inherit it through the environment, so every rank draws the same. Returns
-    whether this process drew it."""
+    DDP ranks started by this process inherit it through the environment, so every rank draws the same; ranks that
+    torchrun or SLURM started take rank 0's draw in `_train` (seed_of_rank_zero). Returns whether this process
+    drew it."""
     if cfg.get("seed") is not None:
         return False
     inherited = os.environ.get(DRAWN_SEED_ENV)
@@ -44,26 +45,32 @@ def resolve_seed(cfg: DictConfig) -> bool:
         cfg.seed = seed
     if not inherited:
         os.environ[DRAWN_SEED_ENV] = str(seed)
-        log.info("seed=null: drew seed=%d (metrics.json records it; pass seed=%d to repeat this run)", seed, seed)
     return not inherited
 
 
 def train(cfg: DictConfig) -> dict:
     drew_seed = resolve_seed(cfg)
     try:
-        return _train(cfg)
+        return _train(cfg, drew_seed)
     finally:
         if drew_seed:  # the next job of a sweep in this process draws its own
             os.environ.pop(DRAWN_SEED_ENV, None)
 
 
-def _train(cfg: DictConfig) -> dict:
+def _train(cfg: DictConfig, drew_seed: bool = False) -> dict:
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
+                                     logger=instantiate_all(cfg.get("logger"), "logger") or False)
+    if drew_seed:
+        with open_dict(cfg):
+            cfg.seed = seed_of_rank_zero(trainer, cfg.seed)
+        os.environ[DRAWN_SEED_ENV] = str(cfg.seed)
+        if trainer.is_global_zero:
+            log.info("seed=null: drew seed=%d (metrics.json records it; pass seed=%d to repeat this run)",
+                     cfg.seed, cfg.seed)
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     datamodule, module = build(cfg)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
-                                     logger=instantiate_all(cfg.get("logger"), "logger") or False)
     if not any(isinstance(c, FreezeAudit) for c in trainer.callbacks):  # feature_drift needs the weights as built
         module._pretrained_backbone = {n: t.detach().cpu().clone() for n, t in module.backbone.state_dict().items()}
     try:

@@ -46,6 +46,18 @@ class WriteWeightDigest(L.Callback):
         Path(self.output_dir, f"weights_rank{trainer.global_rank}.txt").write_text(weights_digest(module))
 
 
+class WriteSeed(L.Callback):
+    """At fit start, every rank writes the seed it runs with (Lightning's PL_GLOBAL_SEED) to <output_dir>/seed_rank<r>.txt."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def on_fit_start(self, trainer, module):
+        import os
+
+        Path(self.output_dir, f"seed_rank{trainer.global_rank}.txt").write_text(os.environ["PL_GLOBAL_SEED"])
+
+
 class RecordDDPWrapping(L.Callback):
     """Writes whether the model was already wrapped in DDP at setup (where the module applies channels_last) and at
     fit start, to <output_dir>/wrapping_rank<r>.json."""

@@ -172,3 +172,41 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_one_line_error(tmp_pat
     assert any("became nan at step 1 (epoch 0)" in e for e in errors), "rank 1 names its loss"
     assert any("non-finite on another rank at step 1 (epoch 0)" in e for e in errors), "rank 0 stops with it"
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_seed_null_under_ranks_that_torchrun_started_is_one_seed_for_every_rank(tmp_path):
+    """torchrun (and SLURM's tasks) start every rank itself: no rank inherits another's environment, so each drew its
+    own seed and their samplers disagreed. Rank 0's draw is broadcast before anything is built; the log and
+    metrics.json give it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_cli import cli_env
+
+    port = free_port()
+    ranks = []
+    for rank in range(2):  # what torchrun --nproc_per_node=2 sets for each process
+        env = {**cli_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+               "TORCHELASTIC_RUN_ID": "test"}
+        env.pop("FINETUNE_DRAWN_SEED", None)
+        command = [sys.executable, "-m", "finetune.train", *TINY, "trainer=ddp_cpu", "trainer.max_epochs=1",
+                   "seed=null", f"hydra.run.dir={tmp_path}", "+callbacks.seed._target_=tests.run.faults.WriteSeed",
+                   "+callbacks.seed.output_dir=${paths.output_dir}"]
+        ranks.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [process.communicate(timeout=300)[0] for process in ranks]
+    assert [process.returncode for process in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    seeds = {(tmp_path / f"seed_rank{rank}.txt").read_text() for rank in range(2)}
+    assert len(seeds) == 1, f"the ranks ran with seeds {seeds}"
+    assert json.loads((tmp_path / "metrics.json").read_text())["seed"] == int(seeds.pop())
+    assert os.environ.get("FINETUNE_DRAWN_SEED") is None

@@ -1,4 +1,5 @@
-"""Lightning DDP inside a Hydra multirun: each job's ranks run that job, in that job's folder."""
+"""Lightning DDP inside a Hydra multirun (each job's ranks run that job, in that job's folder), and one drawn seed
+for ranks that something else started (torchrun, SLURM)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,16 @@ def ddp_ranks_join_this_job(trainer):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def seed_of_rank_zero(trainer, seed: int) -> int:
+    """The seed every rank uses when each drew its own (seed=null): rank 0's, broadcast. Ranks that torchrun or SLURM
+    started share no environment with rank 0, so the process group starts here, before the data and the model are
+    built; Lightning's fit finds it started (`_init_dist_connection` exits early). Ranks that Lightning started
+    inherit rank 0's draw and never come here."""
+    strategy = trainer.strategy
+    environment = getattr(strategy, "cluster_environment", None)
+    if trainer.world_size == 1 or environment is None or not environment.creates_processes_externally:
+        return seed
+    strategy.setup_environment()
+    return int(strategy.broadcast(seed, src=0))
