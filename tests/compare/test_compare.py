@@ -296,7 +296,7 @@ def test_compare_from_refuses_runs_that_cannot_be_paired(tmp_path, problem):
     ("compare.reference=frozen", "compare.reference=frozen is not among the strategies compared; choose one of: "
                                  "best_val, freeze, full")])
 def test_compare_refuses_bad_statistics_settings_before_running_anything(tmp_path, monkeypatch, setting, expected):
-    from finetune.compare.cli import cli as compare
+    from finetune.compare import cli as compare
 
     commands = []
     monkeypatch.setattr(compare, "run_sweep", lambda command: commands.append(command) or 0)
@@ -307,7 +307,7 @@ def test_compare_refuses_bad_statistics_settings_before_running_anything(tmp_pat
 
 
 def test_compare_splits_sweeps_the_split_seed(tmp_path, monkeypatch):
-    from finetune.compare.cli import cli as compare
+    from finetune.compare import cli as compare
 
     commands = []
     monkeypatch.setattr(compare, "run_sweep", lambda command: commands.append(command) or 1)
@@ -436,7 +436,7 @@ def test_a_failed_job_of_a_local_processes_sweep_ends_in_the_summary_and_jobs_re
 def test_compare_on_slurm_composes_the_submitit_sweep(tmp_path, monkeypatch):
     """`finetune-compare hydra/launcher=slurm ...`: the sweep it starts uses the submitit launcher with the user's
     settings, every (strategy, seed) a SLURM job; composed here (no cluster), as the sweep would compose it."""
-    from finetune.compare.cli import cli as compare
+    from finetune.compare import cli as compare
 
     commands = []
     monkeypatch.setattr(compare, "run_sweep", lambda command: commands.append(command) or 1)
