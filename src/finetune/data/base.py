@@ -42,11 +42,14 @@ class IndexBatchSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def indices(self) -> torch.Tensor:
+    def epoch_order(self) -> torch.Tensor:
+        """Every index once, in this epoch's order (before padding and sharding)."""
         if self.shuffle:
-            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            order = torch.arange(self.length)
+            return torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return torch.arange(self.length)
+
+    def indices(self) -> torch.Tensor:
+        order = self.epoch_order()
         padding = self.per_rank * self.world - self.length if self.shuffle else 0
         if padding:
             order = torch.cat([order, order[:padding].repeat(math.ceil(padding / max(len(order), 1)))[:padding]])

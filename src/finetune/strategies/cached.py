@@ -9,6 +9,7 @@ import logging
 import torch
 from torch import nn
 
+from finetune.data.storage.epoch_order import check_epoch_order
 from finetune.errors import ConfigError
 from finetune.strategies.base import FreezingStrategy, names_under
 
@@ -20,7 +21,7 @@ class CachedFeatures(FreezingStrategy):
 
     def __init__(self, cache_dir: str = "feature_cache", feature_dtype: str = "float32",
                  extract_batch_size: int = 256, batch_size: int | None = None, device_max_bytes: int = 4 * 1024**3,
-                 shard_rows: int | None = None):
+                 shard_rows: int | None = None, epoch_order: str = "auto", window_bytes: int | None = None):
         if feature_dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"strategy.feature_dtype={feature_dtype!r}; choose one of: float32, float16, bfloat16")
         self.cache_dir = cache_dir
@@ -32,6 +33,10 @@ class CachedFeatures(FreezingStrategy):
             raise ConfigError(f"strategy.shard_rows={shard_rows} must be a positive number of rows, or null (about "
                               f"256 MiB of features a shard)")
         self.shard_rows = None if shard_rows is None else int(shard_rows)
+        if window_bytes is not None and int(window_bytes) <= 0:
+            raise ConfigError(f"strategy.window_bytes={window_bytes} must be a positive number of bytes, or null (half the "
+                              f"memory the job has left)")
+        self.epoch_order, self.window_bytes = check_epoch_order(epoch_order), window_bytes
 
     def prepare(self, module) -> None:
         for param in module.backbone.parameters():
@@ -64,4 +69,5 @@ class CachedFeatures(FreezingStrategy):
             datamodule.disable_augmentation()
         return CachedFeatureDataModule(datamodule, module, cache_dir=self.cache_dir, feature_dtype=self.feature_dtype,
                                        extract_batch_size=self.extract_batch_size, batch_size=self.batch_size,
-                                       device_max_bytes=self.device_max_bytes, shard_rows=self.shard_rows)
+                                       device_max_bytes=self.device_max_bytes, shard_rows=self.shard_rows,
+                                       epoch_order=self.epoch_order, window_bytes=self.window_bytes)

@@ -19,10 +19,12 @@ from finetune.config import auto_precision
 from finetune.data import preprocessing
 from finetune.data.base import (SPLITS, ImageDataModule, IndexBatchDataset, IndexBatchLoader, SplitLoaders,
                                 index_batch_loader, world_and_rank)
+from finetune.data.storage.epoch_order import WindowedIndexBatchSampler, check_epoch_order, choose_window
 from finetune.data.features.cache import FeatureCache, weights_digest
-from finetune.data.storage.shard_store import Column, Entry, MappedEntry, default_rows_per_shard
-from finetune.run.identity import package_version
+from finetune.data.sources.file_listing import record_files
+from finetune.data.storage.shard_store import Column, Entry, MappedEntry, default_rows_per_shard, human_bytes
 from finetune.run.progress import Progress
+from finetune.run.identity import package_version
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +140,9 @@ class CachedFeatureDataModule(SplitLoaders):
 
     def __init__(self, images: ImageDataModule, module, cache_dir: str, feature_dtype: str = "float32",
                  extract_batch_size: int = 256, batch_size: int | None = None, device_max_bytes: int = 4 * 1024**3,
-                 shard_rows: int | None = None):
+                 shard_rows: int | None = None, epoch_order: str = "auto", window_bytes: int | None = None):
         super().__init__()
+        self.epoch_order, self.window_bytes = check_epoch_order(epoch_order), (int(window_bytes) if window_bytes else None)
         self.images, self.module = images, module
         self.cache = FeatureCache(cache_dir)
         self.dtype = getattr(torch, feature_dtype)
@@ -265,6 +268,8 @@ class CachedFeatureDataModule(SplitLoaders):
         if not shards:
             return
         self.report["cache_hit"] = False
+        if rank == 0:  # what `finetune-cache verify` checks the files against
+            record_files(entry.folder, getattr(self.images.split_dataset(split), "samples", None))
         rows = sum(stop - start for start, stop in map(entry.shard_range, shards))
         reset_peak_memory(device)
         start_time = time.perf_counter()
@@ -319,7 +324,16 @@ class CachedFeatureDataModule(SplitLoaders):
             dataset = IndexBatchDataset(*self.resident[split])
         else:
             on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-            dataset = MappedRows(self.splits[split], pin_memory=on_gpu)
+            entry = self.splits[split]
+            dataset = MappedRows(entry, pin_memory=on_gpu)
+            window = choose_window(self.epoch_order, entry.nbytes, len(entry), self.window_bytes) if shuffle else None
+            if window is not None:  # larger than the job's memory: read it about once, a window of blocks at a time
+                log.info("%s features (%s) from the map in a windowed order: blocks of %d rows, %d blocks a window "
+                         "(strategy.epoch_order=%s)", split, human_bytes(entry.nbytes), *window, self.epoch_order)
+                world, rank = world_and_rank(self.trainer)
+                sampler = WindowedIndexBatchSampler(len(dataset), batch_size, drop_last, world, rank, self.images.seed,
+                                                    *window)
+                return IndexBatchLoader(dataset, sampler, self.trainer)
         return index_batch_loader(dataset, batch_size, shuffle, drop_last, self.trainer, self.images.seed)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

@@ -67,6 +67,11 @@ class FileImageDataModule(ImageDataModule):
             return "files"
         return {"store_size": self.store.size, "decoder": self.store.decoder}
 
+    def split_id(self, split: str) -> dict:
+        """What identifies one split's images (the image store's key): the whole dataset's identity unless a subclass
+        can tell the splits apart, so that a changed file in one split leaves the other splits' entries alone."""
+        return self.dataset_id
+
     def _stored(self, split: str, crop: bool, pin_memory: bool = False) -> StoredImages:
         self.setup()
         return StoredImages(self.store.entries[split], self.image_size, self.eval_resize, crop, pin_memory,

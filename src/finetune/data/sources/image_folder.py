@@ -9,6 +9,7 @@ An unreadable image fails the run naming the file (never a silent skip that trai
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from finetune.data.sources.file_listing import split_identity
 from finetune.data.sources.files import FileImageDataModule
 from finetune.data.sources.hold_out import check_fractions, hold_out
 from finetune.data.preprocessing import CorruptImageError, load_rgb
@@ -68,6 +70,7 @@ class ImageFolderDataModule(FileImageDataModule):
         self.verify_images = verify_images
         self._samples: dict[str, list[tuple[str, int]]] | None = None
         self._classes: list[str] = []
+        self._split_ids: dict[str, dict] = {}
         self.test_split = "test"  # where the test split comes from, once scanned (metrics.json reports it)
 
     @property
@@ -147,14 +150,18 @@ class ImageFolderDataModule(FileImageDataModule):
         self.samples  # noqa: B018 - scanning fills the class list
         return list(self._classes)
 
+    def split_id(self, split: str) -> dict:
+        """One split's identity (file_listing.split_identity: its listing and a few files' stats), computed once."""
+        if split not in self._split_ids:
+            self._split_ids[split] = {"name": "image_folder", "root": str(self.root), "split": split,
+                                      **split_identity(self.samples[split])}
+        return self._split_ids[split]
+
     @property
     def dataset_id(self) -> dict:
-        digest = hashlib.sha256()
-        for split in ("train", "val", "test"):
-            for path, label in self.samples[split]:
-                stat = os.stat(path)
-                digest.update(f"{split}|{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-        return {"name": "image_folder", "root": str(self.root), "files": digest.hexdigest()[:16]}
+        """The three splits' identities in one digest: O(splits x SAMPLED_FILES) stats, once per datamodule."""
+        splits = json.dumps([self.split_id(split) for split in ("train", "val", "test")], sort_keys=True)
+        return {"name": "image_folder", "root": str(self.root), "files": hashlib.sha256(splits.encode()).hexdigest()[:16]}
 
     def split_dataset(self, split: str, train_transforms: bool = False, transform=None) -> LabelledFiles:
         return LabelledFiles(self.samples[split], transform or self.transforms(train=train_transforms))

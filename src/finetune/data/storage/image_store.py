@@ -29,9 +29,10 @@ from finetune.data import preprocessing as preprocessing_module
 from finetune.data.storage.decode import decode_device, decoded_batches
 from finetune.data.storage.device_augment import random_resized_crop_flip, uniform
 from finetune.data.features.cache import FeatureCache
+from finetune.data.sources.file_listing import record_files
 from finetune.data.storage.shard_store import Column, Entry, MappedEntry, default_rows_per_shard
-from finetune.run.identity import package_version
 from finetune.run.progress import Progress
+from finetune.run.identity import package_version
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class ImageStore:
         import torchvision
 
         p = self.datamodule.preprocessing
-        return {"kind": "images", "dataset": self.datamodule.dataset_id, "split": split,
+        return {"kind": "images", "dataset": self.datamodule.split_id(split), "split": split,
                 "num_samples": len(self.datamodule.split_dataset(split)), "store_size": self.size,
                 "image_size": p["image_size"], "interpolation": p["interpolation"],
                 "geometry": "shorter side to store_size, the square aligned with the eval centre crop",
@@ -198,6 +199,7 @@ class ImageStore:
                          columns)
             missing = entry.missing_shards()
             if missing:
+                record_files(entry.folder, getattr(self.datamodule.split_dataset(split), "samples", None))
                 self._build(entry, split, missing, rank)
             entry.finish()
         return entry.open()
