@@ -23,6 +23,7 @@ from finetune.run.failures import report_user_errors
 from finetune.run.distributed import ddp_ranks_join_this_job, seed_of_rank_zero
 from finetune.errors import ConfigError
 from finetune.run.feature_drift import feature_drift
+from finetune.run.identity import digest
 from finetune.run.lightning_internals import wandb_run_started
 
 log = logging.getLogger("finetune")
@@ -99,15 +100,12 @@ def write_predictions(rows: torch.Tensor, output_dir: Path, images) -> dict:
     """predictions.csv: the test split per sample (index, label, predicted, probability of the label), so that any
     two runs on one split can be compared pairwise; returns what metrics.json records of it (`test_split_id`
     identifies the split: the data's identity and the labels in index order)."""
-    import hashlib
-
     with open(output_dir / PREDICTIONS_FILE, "w") as handle:
         handle.write("index,label,predicted,p_label\n")
         for index, label, predicted, p_label in rows.tolist():
             handle.write(f"{int(index)},{int(label)},{int(predicted)},{p_label:.6g}\n")
-    identity = json.dumps(getattr(images, "dataset_id", None), sort_keys=True, default=str)
-    digest = hashlib.sha256(identity.encode() + rows[:, 1].long().numpy().tobytes()).hexdigest()[:16]
-    return {"predictions": PREDICTIONS_FILE, "test_split_id": digest, "test_samples": len(rows)}
+    split_id = digest(getattr(images, "dataset_id", None), data=rows[:, 1].long().numpy().tobytes())
+    return {"predictions": PREDICTIONS_FILE, "test_split_id": split_id, "test_samples": len(rows)}
 
 
 def finish_tracker_runs(loggers: list) -> None:

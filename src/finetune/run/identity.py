@@ -18,10 +18,11 @@ def package_version() -> str:
         return "source"
 
 
-def digest(description, length: int = 16) -> str:
-    """sha256 of a description (dicts, lists, numbers, strings; other values by str()) in canonical JSON."""
+def digest(description, length: int = 16, data: bytes = b"") -> str:
+    """sha256 of a description (dicts, lists, numbers, strings; other values by str()) in canonical JSON, followed by
+    `data` (raw bytes, e.g. a label vector): the one digest behind cache keys and split ids."""
     blob = json.dumps(description, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+    return hashlib.sha256(blob.encode() + data).hexdigest()[:length]
 
 
 def source_digest(paths, length: int = 16) -> str:

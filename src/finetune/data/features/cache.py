@@ -18,6 +18,7 @@ from torch import nn
 
 from finetune.data.storage.shard_store import FORMAT_VERSION, KEY_LENGTH, KEY_PATTERN, Store
 from finetune.errors import ConfigError
+from finetune.run.identity import digest
 
 log = logging.getLogger(__name__)
 # what else this cache writes: `<key>.lock`, and `.probe.<random>.tmp` while checking the folder is writable. Format 2 wrote one
@@ -41,19 +42,18 @@ def check_kind(kind: str | None) -> str | None:
 
 def weights_digest(model: nn.Module) -> str:
     """sha256 of every parameter and buffer (names and bytes): a changed weight gives a changed cache key."""
-    digest = hashlib.sha256()
+    sha = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+        sha.update(name.encode())
+        sha.update(str(tensor.dtype).encode())
+        sha.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()[:16]
 
 
 class FeatureCache(Store):
     @staticmethod
     def key(identity: dict) -> str:
-        blob = json.dumps({"format": FORMAT_VERSION, **identity}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:KEY_LENGTH]
+        return digest({"format": FORMAT_VERSION, **identity}, KEY_LENGTH)
 
     def old_format_entries(self) -> list[str]:
         """Keys of format-2 entries (one `<key>.pt` and a `<key>.json` manifest listing its tensors)."""

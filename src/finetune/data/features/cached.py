@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import atexit
-import hashlib
 import inspect
 import logging
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +22,7 @@ from finetune.data.features.cache import FeatureCache, weights_digest
 from finetune.data.sources.file_listing import record_files
 from finetune.data.storage.shard_store import Column, Entry, MappedEntry, default_rows_per_shard, human_bytes
 from finetune.run.progress import Progress
-from finetune.run.identity import package_version
+from finetune.run.identity import package_version, source_digest
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +52,8 @@ def code_versions(images: ImageDataModule) -> dict:
     sources = sorted({inspect.getsourcefile(cls) or "" for cls in type(images).__mro__
                       if not cls.__module__.startswith(("builtins", "lightning", "pytorch_lightning", "torch"))}
                      | {__file__, preprocessing.__file__})
-    digest = hashlib.sha256()
-    for source in filter(None, sources):
-        digest.update(Path(source).read_bytes())
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-            "finetune": package_version(), "source": digest.hexdigest()[:16]}
+            "finetune": package_version(), "source": source_digest(filter(None, sources))}
 
 
 @torch.inference_mode()

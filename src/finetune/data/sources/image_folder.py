@@ -8,8 +8,6 @@ An unreadable image fails the run naming the file (never a silent skip that trai
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +19,7 @@ from finetune.data.sources.file_listing import split_identity
 from finetune.data.sources.files import FileImageDataModule
 from finetune.data.sources.hold_out import check_fractions, hold_out
 from finetune.data.preprocessing import CorruptImageError, load_rgb
+from finetune.run.identity import digest
 from finetune.errors import ConfigError
 from finetune.run.progress import Progress
 
@@ -160,8 +159,8 @@ class ImageFolderDataModule(FileImageDataModule):
     @property
     def dataset_id(self) -> dict:
         """The three splits' identities in one digest: O(splits x SAMPLED_FILES) stats, once per datamodule."""
-        splits = json.dumps([self.split_id(split) for split in ("train", "val", "test")], sort_keys=True)
-        return {"name": "image_folder", "root": str(self.root), "files": hashlib.sha256(splits.encode()).hexdigest()[:16]}
+        splits = [self.split_id(split) for split in ("train", "val", "test")]
+        return {"name": "image_folder", "root": str(self.root), "files": digest(splits)}
 
     def split_dataset(self, split: str, train_transforms: bool = False, transform=None) -> LabelledFiles:
         return LabelledFiles(self.samples[split], transform or self.transforms(train=train_transforms))

@@ -13,10 +13,8 @@ the map is a channels-last view, the layout torch's antialiased uint8 resize is 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +30,7 @@ from finetune.data.features.cache import FeatureCache
 from finetune.data.sources.file_listing import record_files
 from finetune.data.storage.shard_store import Column, Entry, MappedEntry, default_rows_per_shard
 from finetune.run.progress import Progress
-from finetune.run.identity import package_version
+from finetune.run.identity import package_version, source_digest
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +61,7 @@ class StoreGeometry:
 
 
 def store_code_digest() -> str:
-    digest = hashlib.sha256()
-    for source in (__file__, preprocessing_module.__file__):
-        digest.update(Path(source).read_bytes())
-    return digest.hexdigest()[:16]
+    return source_digest([__file__, preprocessing_module.__file__])
 
 
 class StoredImages:
