@@ -1,4 +1,4 @@
-"""hparams_search=head_optuna: Hydra's Optuna sweeper tunes the head on cached features. The features are extracted
+"""hparams_search=head_optuna: our Optuna sweeper (hydra/sweeper=optuna) tunes the head on cached features. The features are extracted
 by the first trial only, a diverging trial is told to Optuna as failed while the study goes on, and the best trial
 is written to best.json and printed."""
 
@@ -12,7 +12,7 @@ import yaml
 from tests.conftest import TINY
 from tests.test_cli import run_main
 
-pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+pytest.importorskip("optuna")
 TRIALS = 5
 
 
@@ -59,8 +59,8 @@ def test_a_search_without_the_sweeper_installed_names_the_extra(tmp_path, monkey
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name.startswith("hydra_plugins.hydra_optuna") else real(name, *args))
+                        lambda name, *args: None if name == "optuna" else real(name, *args))
     result = run_main("finetune.train", "-m", "hparams_search=head_optuna", f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: hparams_search=head_optuna needs Hydra's Optuna sweeper, which is not "
-                                     "installed: pip install 'finetune[search]'")
+    assert result.stderr.strip() == ("error: hparams_search=head_optuna needs optuna, which is not installed: "
+                                     "pip install 'finetune[search]'")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -15,6 +16,8 @@ from finetune.errors import ConfigError, user_error
 log = logging.getLogger("finetune")
 
 FAILURE_FILE = "failure.json"
+# set by hydra/launcher=local_processes: where a job in its own process leaves its return value for the sweeper
+RETURN_FILE_ENV = "FINETUNE_JOB_RETURN_FILE"
 
 
 def one_line(err: ConfigError) -> str:
@@ -67,7 +70,7 @@ def report_user_errors(task):
         if output_dir is not None:
             (output_dir / FAILURE_FILE).unlink(missing_ok=True)  # a rerun into the same folder starts clean
         try:
-            return task(*args, **kwargs)
+            return hand_back(task(*args, **kwargs))
         except Exception as err:
             cause = user_error(err)
             message = one_line(cause) if cause is not None else f"{type(err).__name__}: {first_line(err)}"
@@ -82,6 +85,17 @@ def report_user_errors(task):
             sys.exit(2)
 
     return wrapper
+
+
+def hand_back(value):
+    """The task's return value, also written where a process launcher asked for it (rank 0 only)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    target = os.environ.get(RETURN_FILE_ENV)
+    if target and rank_zero_only.rank == 0:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(json.dumps(value))
+    return value
 
 
 def first_line(err: BaseException) -> str:

@@ -4,15 +4,20 @@ keeps each run's timings and peak memory its own; `jobs=<number of GPUs>` spread
 cluster, `hydra/launcher=slurm` (submitit) takes its place with no other change.
 
 A job that fails (non-zero exit) is reported as failed and the others go on; its folder holds failure.json or its
-train.log.
+train.log. A job's return value (finetune's optimized_metric) comes back through a file named in its environment, so
+a sweeper such as hydra/sweeper=optuna gets it as it would in-process. launch() may be called from several threads at
+once (the Optuna sweeper launches one trial per call from each of its n_jobs slots): GPUs are handed out across all
+calls, one per running job.
 """
 
 # no `from __future__ import annotations`: Hydra executes plugin modules outside sys.modules, where dataclasses
 # cannot resolve string annotations
 import logging
 import os
+import json
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +31,9 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+# where a job writes its return value (read by finetune.failures.report_user_errors)
+RETURN_FILE_ENV = "FINETUNE_JOB_RETURN_FILE"
+RETURN_FILE = ".hydra/return_value.json"
 
 
 @dataclass
@@ -62,13 +70,52 @@ class LocalProcessesLauncher(Launcher):
         self.gpus = [str(gpu) for gpu in gpus] if gpus is not None else None
         self.config: Optional[DictConfig] = None
         self.hydra_context: Optional[HydraContext] = None
+        # shared by concurrent launch() calls: HydraConfig is one global, and a GPU serves one job at a time
+        self._lock = threading.Lock()
+        self._gpus_in_use: set = set()
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
 
     def _command(self, overrides: Sequence[str], run_dir: Path) -> List[str]:
         searchpath = [o for o in self.config.hydra.overrides.hydra if o.startswith("hydra.searchpath")]
-        return [sys.executable, "-m", self.module, *overrides, *searchpath, f"hydra.run.dir={run_dir}"]
+        # hydra.mode=RUN: a job's own overrides may select a config that sets MULTIRUN (hparams_search=...)
+        return [sys.executable, "-m", self.module, *overrides, *searchpath, f"hydra.run.dir={run_dir}",
+                "hydra.mode=RUN"]
+
+    def _claim_gpu(self, gpus: List[str]) -> Optional[str]:
+        with self._lock:
+            free = [gpu for gpu in gpus if gpu not in self._gpus_in_use]
+            if free:
+                self._gpus_in_use.add(free[0])
+            return free[0] if free else None
+
+    def _release_gpu(self, gpu: Optional[str]) -> None:
+        with self._lock:
+            self._gpus_in_use.discard(gpu)
+
+    def _start(self, idx: int, overrides: Sequence[str], gpus: List[str]):
+        """Start job `idx`, or return None when every GPU is taken (by this call or a concurrent one)."""
+        gpu = self._claim_gpu(gpus) if gpus else None
+        if gpus and gpu is None:
+            return None
+        with self._lock:
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
+            HydraConfig.instance().set_config(sweep_config)  # for ${hydra:...} in the sweep's subdir
+            run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+            with open_dict(sweep_config):
+                sweep_config.hydra.runtime.output_dir = str(run_dir.resolve())
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RETURN_FILE).unlink(missing_ok=True)
+        env = dict(os.environ, **{RETURN_FILE_ENV: str((run_dir / RETURN_FILE).resolve())})
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        log.info("#%d%s: %s -> %s", idx, f" (GPU {gpu})" if gpu is not None else "",
+                 " ".join(filter_overrides(overrides)), run_dir)
+        process = subprocess.Popen(self._command(overrides, run_dir), env=env)
+        return idx, list(overrides), sweep_config, run_dir, process, gpu
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None and self.hydra_context is not None
@@ -77,38 +124,36 @@ class LocalProcessesLauncher(Launcher):
         log.info("launching %d jobs, %d at a time%s", len(job_overrides), slots,
                  f", one GPU each of {', '.join(gpus)}" if gpus else "")
         pending = list(enumerate(job_overrides, start=initial_job_idx))
-        running: Dict[int, tuple] = {}  # slot -> (idx, overrides, sweep config, run dir, process)
+        running: Dict[int, tuple] = {}  # slot -> (idx, overrides, sweep config, run dir, process, gpu)
         results: Dict[int, JobReturn] = {}
         while pending or running:
             for slot in range(slots):
                 if slot in running or not pending:
                     continue
-                idx, overrides = pending.pop(0)
-                sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-                with open_dict(sweep_config):
-                    sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
-                HydraConfig.instance().set_config(sweep_config)  # for ${hydra:...} in the sweep's subdir
-                run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
-                run_dir.mkdir(parents=True, exist_ok=True)
-                env = dict(os.environ)
-                if gpus:
-                    env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-                log.info("#%d%s: %s -> %s", idx, f" (GPU {env['CUDA_VISIBLE_DEVICES']})" if gpus else "",
-                         " ".join(filter_overrides(overrides)), run_dir)
-                process = subprocess.Popen(self._command(overrides, run_dir), env=env)
-                running[slot] = (idx, list(overrides), sweep_config, run_dir, process)
+                job = self._start(*pending[0], gpus)
+                if job is None:  # every GPU is busy with jobs of other launch() calls
+                    break
+                pending.pop(0)
+                running[slot] = job
             finished = [slot for slot, job in running.items() if job[4].poll() is not None]
             if not finished:
                 time.sleep(0.2)
             for slot in finished:
-                idx, overrides, sweep_config, run_dir, process = running.pop(slot)
-                status = JobStatus.COMPLETED if process.returncode == 0 else JobStatus.FAILED
-                if status is JobStatus.FAILED:
-                    log.error("#%d failed (exit %d): see %s", idx, process.returncode, run_dir)
-                task_config = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
-                results[idx] = JobReturn(overrides=overrides, cfg=task_config, hydra_cfg=sweep_config,
-                                         working_dir=str(run_dir), task_name=str(sweep_config.hydra.job.name),
-                                         status=status,
-                                         _return_value=process.returncode if status is JobStatus.COMPLETED else
-                                         RuntimeError(f"job {idx} exited with {process.returncode}"))
+                idx, overrides, sweep_config, run_dir, process, gpu = running.pop(slot)
+                self._release_gpu(gpu)
+                results[idx] = self._job_return(idx, overrides, sweep_config, run_dir, process.returncode)
         return [results[idx] for idx in sorted(results)]
+
+    @staticmethod
+    def _job_return(idx: int, overrides: List[str], sweep_config: DictConfig, run_dir: Path,
+                    returncode: int) -> JobReturn:
+        status = JobStatus.COMPLETED if returncode == 0 else JobStatus.FAILED
+        if status is JobStatus.FAILED:
+            log.error("#%d failed (exit %d): see %s", idx, returncode, run_dir)
+            value = RuntimeError(f"job {idx} exited with {returncode}")
+        else:  # what the task returned (None when it wrote nothing: a task not wrapped by finetune's error policy)
+            value_file = run_dir / RETURN_FILE
+            value = json.loads(value_file.read_text()) if value_file.exists() else None
+        task_config = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
+        return JobReturn(overrides=overrides, cfg=task_config, hydra_cfg=sweep_config, working_dir=str(run_dir),
+                         task_name=str(sweep_config.hydra.job.name), status=status, _return_value=value)
