@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger(__name__)
 # where a job writes its return value (read by finetune.failures.report_user_errors)
@@ -105,7 +105,7 @@ class LocalProcessesLauncher(Launcher):
                 sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
             HydraConfig.instance().set_config(sweep_config)  # for ${hydra:...} in the sweep's subdir
             run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
-            with open_dict(sweep_config):
+            with read_write(sweep_config.hydra), open_dict(sweep_config):  # set_config made it read-only
                 sweep_config.hydra.runtime.output_dir = str(run_dir.resolve())
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RETURN_FILE).unlink(missing_ok=True)
