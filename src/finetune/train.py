@@ -18,6 +18,7 @@ from omegaconf import DictConfig, open_dict
 
 from finetune.build import build, instantiate_all
 from finetune.callbacks import FreezeAudit, RunMeter
+from finetune.search.pruning import trial_callbacks
 from finetune.config import CONFIG_DIR, instantiate
 from finetune.run.failures import report_user_errors
 from finetune.run.distributed import ddp_ranks_join_this_job, seed_of_rank_zero
@@ -59,7 +60,10 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _train(cfg: DictConfig, drew_seed: bool = False) -> dict:
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")),
+    # an Optuna trial (hydra/sweeper=optuna put it in this job's environment) reports and may be pruned
+    callbacks = instantiate_all(cfg.get("callbacks")) + trial_callbacks(cfg.get("optimized_metric") or "val/acc",
+                                                                        cfg.paths.output_dir)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks,
                                      logger=instantiate_all(cfg.get("logger"), "logger") or False)
     if drew_seed:
         with open_dict(cfg):
@@ -207,10 +211,10 @@ def run(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """finetune-train. Hydra reports a missing sweeper plugin as a missing config; say which extra brings it."""
+    """finetune-train. Our Optuna sweeper (hydra/sweeper=optuna) needs optuna; say which extra brings it."""
     searches = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("hparams_search=")]
-    if any(s != "null" for s in searches) and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
-        print(f"error: hparams_search={searches[-1]} needs Hydra's Optuna sweeper, which is not installed: "
+    if any(s != "null" for s in searches) and importlib.util.find_spec("optuna") is None:
+        print(f"error: hparams_search={searches[-1]} needs optuna, which is not installed: "
               f"pip install 'finetune[search]'", file=sys.stderr)
         sys.exit(2)
     run()

@@ -16,6 +16,7 @@ from finetune.errors import ConfigError, user_error
 log = logging.getLogger("finetune")
 
 FAILURE_FILE = "failure.json"
+# set by hydra/launcher=local_processes: where a job in its own process leaves its return value for the sweeper
 
 
 def one_line(err: ConfigError) -> str:

@@ -6,16 +6,19 @@ cluster, `hydra/launcher=slurm` (submitit) takes its place with no other change.
 A job returns what its task function returned (the job writes it to job_return.json in its folder), so an Optuna
 sweeper through this launcher reads each trial's metric. A job that fails returns None, as the in-process launcher's
 jobs do (finetune.run.failures), and the others go on: its folder holds failure.json (written here for a job that died
-without one), from which the sweep's summary lists it.
+without one), from which the sweep's summary lists it. launch() may be called from several threads at
+once (the Optuna sweeper launches one trial per call from each of its n_jobs slots): GPUs are handed out across all
+calls, one per running job.
 """
 
 # no `from __future__ import annotations`: Hydra executes plugin modules outside sys.modules, where dataclasses
 # cannot resolve string annotations
-import json
 import logging
 import os
+import json
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +29,27 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from finetune.run.failures import FAILURE_FILE, JOB_RETURN_ENV
 
 log = logging.getLogger(__name__)
+JOB_RETURN_FILE = "job_return.json"
+
+
+def job_return_value(idx: int, overrides: List[str], run_dir: Path, exit_code: int):
+    """What the job's task function returned; None for a failed job, which the sweep's summary then lists from its
+    failure.json (written here, naming the exit code, when the job died before it could write one)."""
+    if exit_code == 0:
+        written = run_dir / JOB_RETURN_FILE
+        return json.loads(written.read_text())["return_value"] if written.exists() else None
+    log.error("#%d failed (exit %d): see %s", idx, exit_code, run_dir)
+    failure = run_dir / FAILURE_FILE
+    if not failure.exists():
+        failure.write_text(json.dumps({"error": f"the job exited with {exit_code} without a failure record (killed, "
+                                                f"out of memory?); see its log", "job": idx,
+                                       "overrides": list(overrides)}, indent=1))
+    return None
 
 
 @dataclass
@@ -60,24 +79,6 @@ def visible_gpus() -> List[str]:
         return []
 
 
-JOB_RETURN_FILE = "job_return.json"
-
-
-def job_return_value(idx: int, overrides: List[str], run_dir: Path, exit_code: int):
-    """What the job's task function returned; None for a failed job, which the sweep's summary then lists from its
-    failure.json (written here, naming the exit code, when the job died before it could write one)."""
-    if exit_code == 0:
-        written = run_dir / JOB_RETURN_FILE
-        return json.loads(written.read_text())["return_value"] if written.exists() else None
-    log.error("#%d failed (exit %d): see %s", idx, exit_code, run_dir)
-    failure = run_dir / FAILURE_FILE
-    if not failure.exists():
-        failure.write_text(json.dumps({"error": f"the job exited with {exit_code} without a failure record (killed, "
-                                                f"out of memory?); see its log", "job": idx,
-                                       "overrides": list(overrides)}, indent=1))
-    return None
-
-
 class LocalProcessesLauncher(Launcher):
     def __init__(self, module: str = "finetune.train", jobs: int = 1, gpus: Optional[list] = None) -> None:
         super().__init__()
@@ -85,6 +86,9 @@ class LocalProcessesLauncher(Launcher):
         self.gpus = [str(gpu) for gpu in gpus] if gpus is not None else None
         self.config: Optional[DictConfig] = None
         self.hydra_context: Optional[HydraContext] = None
+        # shared by concurrent launch() calls: HydraConfig is one global, and a GPU serves one job at a time
+        self._lock = threading.Lock()
+        self._gpus_in_use: set = set()
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context = config, hydra_context
@@ -93,8 +97,43 @@ class LocalProcessesLauncher(Launcher):
         from finetune.config import config_dir_flags
 
         searchpath = [o for o in self.config.hydra.overrides.hydra if o.startswith("hydra.searchpath")]
+        # hydra.mode=RUN: a job's own overrides may select a config that sets MULTIRUN (hparams_search=...)
         return [sys.executable, "-m", self.module, *config_dir_flags(self.config.hydra), *overrides, *searchpath,
-                f"hydra.run.dir={run_dir}", f"hydra.job.num={idx}"]
+                f"hydra.run.dir={run_dir}", f"hydra.job.num={idx}", "hydra.mode=RUN"]
+
+    def _claim_gpu(self, gpus: List[str]) -> Optional[str]:
+        with self._lock:
+            free = [gpu for gpu in gpus if gpu not in self._gpus_in_use]
+            if free:
+                self._gpus_in_use.add(free[0])
+            return free[0] if free else None
+
+    def _release_gpu(self, gpu: Optional[str]) -> None:
+        with self._lock:
+            self._gpus_in_use.discard(gpu)
+
+    def _start(self, idx: int, overrides: Sequence[str], gpus: List[str]):
+        """Start job `idx`, or return None when every GPU is taken (by this call or a concurrent one)."""
+        gpu = self._claim_gpu(gpus) if gpus else None
+        if gpus and gpu is None:
+            return None
+        with self._lock:
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
+            HydraConfig.instance().set_config(sweep_config)  # for ${hydra:...} in the sweep's subdir
+            run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+            with read_write(sweep_config.hydra), open_dict(sweep_config):  # set_config made it read-only
+                sweep_config.hydra.runtime.output_dir = str(run_dir.resolve())
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / JOB_RETURN_FILE).unlink(missing_ok=True)
+        env = dict(os.environ, **{JOB_RETURN_ENV: str((run_dir / JOB_RETURN_FILE).resolve())})
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        log.info("#%d%s: %s -> %s", idx, f" (GPU {gpu})" if gpu is not None else "",
+                 " ".join(filter_overrides(overrides)), run_dir)
+        process = subprocess.Popen(self._command(overrides, run_dir, idx), env=env)
+        return idx, list(overrides), sweep_config, run_dir, process, gpu
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None and self.hydra_context is not None
@@ -103,35 +142,30 @@ class LocalProcessesLauncher(Launcher):
         log.info("launching %d jobs, %d at a time%s", len(job_overrides), slots,
                  f", one GPU each of {', '.join(gpus)}" if gpus else "")
         pending = list(enumerate(job_overrides, start=initial_job_idx))
-        running: Dict[int, tuple] = {}  # slot -> (idx, overrides, sweep config, run dir, process)
+        running: Dict[int, tuple] = {}  # slot -> (idx, overrides, sweep config, run dir, process, gpu)
         results: Dict[int, JobReturn] = {}
         while pending or running:
             for slot in range(slots):
                 if slot in running or not pending:
                     continue
-                idx, overrides = pending.pop(0)
-                sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-                with open_dict(sweep_config):
-                    sweep_config.hydra.job.id = sweep_config.hydra.job.num = idx
-                HydraConfig.instance().set_config(sweep_config)  # for ${hydra:...} in the sweep's subdir
-                run_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
-                run_dir.mkdir(parents=True, exist_ok=True)
-                env = dict(os.environ, **{JOB_RETURN_ENV: str(run_dir / JOB_RETURN_FILE)})
-                (run_dir / JOB_RETURN_FILE).unlink(missing_ok=True)
-                if gpus:
-                    env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-                log.info("#%d%s: %s -> %s", idx, f" (GPU {env['CUDA_VISIBLE_DEVICES']})" if gpus else "",
-                         " ".join(filter_overrides(overrides)), run_dir)
-                process = subprocess.Popen(self._command(overrides, run_dir, idx), env=env)
-                running[slot] = (idx, list(overrides), sweep_config, run_dir, process)
+                job = self._start(*pending[0], gpus)
+                if job is None:  # every GPU is busy with jobs of other launch() calls
+                    break
+                pending.pop(0)
+                running[slot] = job
             finished = [slot for slot, job in running.items() if job[4].poll() is not None]
             if not finished:
                 time.sleep(0.2)
             for slot in finished:
-                idx, overrides, sweep_config, run_dir, process = running.pop(slot)
-                task_config = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
-                results[idx] = JobReturn(overrides=overrides, cfg=task_config, hydra_cfg=sweep_config,
-                                         working_dir=str(run_dir), task_name=str(sweep_config.hydra.job.name),
-                                         status=JobStatus.COMPLETED,
-                                         _return_value=job_return_value(idx, overrides, run_dir, process.returncode))
+                idx, overrides, sweep_config, run_dir, process, gpu = running.pop(slot)
+                self._release_gpu(gpu)
+                results[idx] = self._job_return(idx, overrides, sweep_config, run_dir, process.returncode)
         return [results[idx] for idx in sorted(results)]
+
+    @staticmethod
+    def _job_return(idx: int, overrides: List[str], sweep_config: DictConfig, run_dir: Path,
+                    returncode: int) -> JobReturn:
+        task_config = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
+        return JobReturn(overrides=overrides, cfg=task_config, hydra_cfg=sweep_config, working_dir=str(run_dir),
+                         task_name=str(sweep_config.hydra.job.name), status=JobStatus.COMPLETED,
+                         _return_value=job_return_value(idx, overrides, run_dir, returncode))
