@@ -151,6 +151,9 @@ def test_four_ranks_two_per_node_local_folder_extract_each_shard_once_per_folder
     one_pass = 70 + 17 + 17
     assert rows[0] + rows[1] == rows[2] + rows[3] == one_pass, f"rows extracted per rank: {rows}"
     assert max(rows) - min(rows) <= 3 * SHARD_ROWS, f"each rank about half its folder's pass (a shard a split): {rows}"
+    # train's 9 shards round-robin over 4 ranks, then each folder's 4 or 5 gaps to its less loaded rank: 38, 32, 38,
+    # 32; val's and test's 3 shards (8, 8, 1 rows) the same way: 9, 8, 9, 8 each
+    assert rows == [56, 48, 56, 48]
     want, got = columns(FeatureCache(tmp_path / "node0")), columns(FeatureCache(tmp_path / "node1"))
     assert set(got) == set(want) and len(want) == 3
     for key, tensors in want.items():
