@@ -385,3 +385,86 @@ def test_cached_trains_from_a_source_checkout_that_was_never_installed(tiny, mon
     cfg = tiny("strategy=cached", "trainer.max_epochs=1")
     trainer, module, datamodule = fit(cfg)
     assert datamodule.identity(torch.device("cpu"))["code"]["finetune"] == "source"
+
+
+LEFT_WRITING = """
+import os, signal, sys
+from pathlib import Path
+from finetune.data.storage.shard_store import write_atomically
+
+def write(handle):
+    handle.write(b"half a shard" * 1000)
+    handle.flush()
+    if sys.argv[2] == "killed":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print("writing", flush=True)
+    sys.stdin.read()  # a live writer: still writing until the test closes its stdin or kills it
+
+write_atomically(Path(sys.argv[1]), write)
+"""
+
+
+def test_the_next_open_removes_temporaries_a_killed_writer_left_and_keeps_a_live_writers(tiny):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    datamodule = prepared(tiny(*SHARDED), [])
+    entry = datamodule.cache.entry(datamodule.report["cache_keys"]["train"])
+    del datamodule
+    target = str(entry.folder / "shard-00009.features.npy")  # a name no real shard has: the writers never finish
+    killed = subprocess.run([sys.executable, "-c", LEFT_WRITING, target, "killed"], capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    live = subprocess.Popen([sys.executable, "-c", LEFT_WRITING, target, "live"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        assert live.stdout.readline() == b"writing\n"
+        left = {p.name for p in entry.folder.glob(".*.tmp")}
+        assert len(left) == 2, left
+        live_tmp = next(name for name in left if f"-{live.pid}." in name)
+        foreign = [entry.folder / ".shard-00009.labels.npy.otherhost-1.abcdefgh.tmp",
+                   entry.folder / ".shard-00009.indices.npy.otherhost-2.abcdefgh.tmp"]
+        for path in foreign:
+            path.write_bytes(b"x")
+        os.utime(foreign[0], (time.time() - 7200, time.time() - 7200))  # another host's, untouched for two hours
+
+        assert prepared(tiny(*SHARDED), []).report["cache_hit"] is True
+        assert {p.name for p in entry.folder.glob(".*.tmp")} == {live_tmp, foreign[1].name}, \
+            "the killed writer's and the stale foreign temporaries went; the live writer's and a fresh one stayed"
+    finally:
+        live.kill()
+        live.wait()
+    prepared(tiny(*SHARDED), [])
+    assert {p.name for p in entry.folder.glob(".*.tmp")} == {foreign[1].name}, "once its writer is gone, it goes"
+
+
+def drop_train_shard_before_finish(monkeypatch, times: int) -> None:
+    """Another process drops train's shard 1 (as one that found it damaged would) just before finish(), `times`."""
+    real_finish, dropped = shard_store.Entry.finish, []
+
+    def finish_after_a_drop(self):
+        if len(dropped) < times and self.manifest["identity"]["split"] == "train" and not self.complete:
+            dropped.append(1)
+            self.drop_shard(1)
+        return real_finish(self)
+
+    monkeypatch.setattr(shard_store.Entry, "finish", finish_after_a_drop)
+
+
+def test_a_shard_dropped_before_the_entry_is_finished_is_built_again(tiny, monkeypatch, caplog):
+    drop_train_shard_before_finish(monkeypatch, times=1)
+    caplog.set_level(logging.WARNING)
+    datamodule = prepared(tiny(*SHARDED), [])
+    assert datamodule.report["rows_extracted"] == 64 + 16 + 16 + 16, "shard 1's 16 rows twice"
+    assert "lacks shards [1] after its build" in caplog.text
+    assert datamodule.cache.entry(datamodule.report["cache_keys"]["train"]).complete
+    assert len(datamodule.features("train")) == 64
+
+
+def test_shards_that_keep_vanishing_fail_in_one_line(tiny, monkeypatch):
+    drop_train_shard_before_finish(monkeypatch, times=2)
+    with pytest.raises(StoreWriteError) as failure:
+        prepared(tiny(*SHARDED), [])
+    message = str(failure.value)
+    assert "\n" not in message and "still lacks shards [1]" in message and "another process" in message

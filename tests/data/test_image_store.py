@@ -155,11 +155,12 @@ def test_killed_mid_epoch_with_random_augmentation_and_resumed_gives_the_uninter
         assert torch.equal(tensor, actual["state_dict"][name]), f"{name} differs after resume"
 
 
-def test_ddp_with_the_store_builds_it_once_per_node_and_trains_as_one_process(tmp_path):
+def test_ddp_ranks_split_the_store_build_and_train_as_one_process(tmp_path):
     """Two gloo processes on a torchvision dataset (MNIST's files, written here), with random augmentation on the
-    device: prepare_data runs on one rank, which decodes every image once, the other decodes none; and since a
-    sample's crop depends on (seed, epoch, index) only and each step's two rank batches are the one process's batch,
-    DDP with 8 per rank ends where one process with 16 ends (up to float summation order)."""
+    device: the store is not built in prepare_data (local rank 0 alone, the others waiting in a barrier) but by both
+    ranks in setup, each decoding its share of the shards, every image once in all; and since a sample's crop depends
+    on (seed, epoch, index) only and each step's two rank batches are the one process's batch, DDP with 8 per rank
+    ends where one process with 16 ends (up to float summation order)."""
     from tests.conftest import write_mnist
 
     mnist = write_mnist(tmp_path / "mnist")  # 200 train (20 of them carved out for val), 20 test
@@ -169,7 +170,8 @@ def test_ddp_with_the_store_builds_it_once_per_node_and_trains_as_one_process(tm
         overrides = [*BASE, "data=torchvision", "data.name=MNIST", f"data.root={mnist}", "data.download=false",
                      "data._target_=tests.run.faults.counting_torchvision", f"+data.log={log}", "data.image_size=32",
                      f"data.batch_size={batch}", "data.num_workers=0", "data.augment=random_resized_crop",
-                     "data.store=true", f"data.store_dir={tmp_path / name / 'store'}", "strategy=freeze",
+                     "data.store=true", f"data.store_dir={tmp_path / name / 'store'}", "data.store_shard_rows=16",
+                     "strategy=freeze",
                      f"trainer={trainer}", "trainer.max_epochs=2",
                      "+callbacks.store._target_=tests.run.faults.RecordImageStore",
                      "+callbacks.store.output_dir=${paths.output_dir}", f"hydra.run.dir={tmp_path / name}"]
@@ -179,8 +181,9 @@ def test_ddp_with_the_store_builds_it_once_per_node_and_trains_as_one_process(tm
         # Lightning calls prepare_data at each stage (fit, then test), on local rank 0 only: never on rank 1
         assert (tmp_path / f"prepare_{name}.txt").read_text().split() == ["0", "0"], "prepare_data: rank 0 of the node"
     reports = [json.loads((tmp_path / "ddp" / f"store_rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert reports[0]["images_decoded"] == 200 + 20 and reports[1]["images_decoded"] == 0
-    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["images_decoded"] == 220
+    # 16 images a shard: train's 180 in 12 shards (6 each), val's and test's 20 in 2 (one each)
+    assert [r["images_decoded"] for r in reports] == [96 + 16 + 16, 84 + 4 + 4], "each rank decoded its share"
+    assert json.loads((tmp_path / "single" / "metrics.json").read_text())["images_decoded"] == 220
     expected, actual = (torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
                         for name in ("single", "ddp"))
     assert expected["global_step"] == actual["global_step"] > 0

@@ -238,3 +238,11 @@ class GuardSeeingNaNOnRank1(NonFiniteLossGuard):
         if trainer.global_rank == 1 and trainer.global_step >= self.step:
             outputs = {"loss": torch.full((), float("nan"), device=module.device)}
         super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+
+
+def cached_two_ranks_per_folder(cache_dir: str, **kwargs):
+    """strategy._target_ for tests: strategy=cached with the cache folder `<cache_dir>/node<LOCAL_RANK // 2>`, so four
+    ranks on one machine stand for two nodes of two ranks, each node with its own local folder."""
+    from finetune.strategies import CachedFeatures
+
+    return CachedFeatures(cache_dir=f"{cache_dir}/node{int(os.environ.get('LOCAL_RANK', '0')) // 2}", **kwargs)

@@ -138,6 +138,57 @@ def test_ddp_ranks_sharing_one_cache_folder_split_the_shards_and_write_what_one_
     assert all(r["extract_buffer_rows"] == SHARD_ROWS for r in reports), "no rank held more than one shard"
 
 
+@pytest.mark.slow
+def test_four_ranks_two_per_node_local_folder_extract_each_shard_once_per_folder(tmp_path):
+    """Two nodes of two ranks, each node with its own empty cache folder: each folder gets every row once, split
+    between its two ranks, and both folders end with the same entries."""
+    ddp = run_cli("finetune.train", *TINY, "strategy=cached", "trainer.max_epochs=1", f"strategy.shard_rows={SHARD_ROWS}",
+                  "data.num_samples=70", "trainer=ddp_cpu", "trainer.devices=4",
+                  "strategy._target_=tests.run.faults.cached_two_ranks_per_folder", f"paths.cache_dir={tmp_path}",
+                  *CACHE_REPORT, f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    rows = [json.loads((tmp_path / "ddp" / f"cache_rank{rank}.json").read_text())["rows_extracted"] for rank in range(4)]
+    one_pass = 70 + 17 + 17
+    assert rows[0] + rows[1] == rows[2] + rows[3] == one_pass, f"rows extracted per rank: {rows}"
+    assert max(rows) - min(rows) <= 3 * SHARD_ROWS, f"each rank about half its folder's pass (a shard a split): {rows}"
+    # train's 9 shards round-robin over 4 ranks, then each folder's 4 or 5 gaps to its less loaded rank: 38, 32, 38,
+    # 32; val's and test's 3 shards (8, 8, 1 rows) the same way: 9, 8, 9, 8 each
+    assert rows == [56, 48, 56, 48]
+    want, got = columns(FeatureCache(tmp_path / "node0")), columns(FeatureCache(tmp_path / "node1"))
+    assert set(got) == set(want) and len(want) == 3
+    for key, tensors in want.items():
+        assert torch.equal(tensors["indices"], got[key]["indices"]) and torch.equal(tensors["labels"], got[key]["labels"])
+        torch.testing.assert_close(got[key]["features"], tensors["features"], rtol=1e-4, atol=1e-5)
+
+
+def test_shards_are_dealt_so_each_folder_gets_each_missing_shard_once():
+    from finetune.data.storage.shard_build import deal_shards
+
+    # four ranks, two folders (tokens 7 and 9); folder 7 already holds shard 0
+    plan = deal_shards(9, [{0}, {0}, set(), set()], [7, 7, 9, 9])
+    for sharers in ((0, 1), (2, 3)):
+        built = [s for rank in sharers for s in plan[rank]]
+        held = {0} if sharers == (0, 1) else set()
+        assert sorted(built + sorted(held)) == list(range(9)), f"ranks {sharers}: each shard once: {plan}"
+        assert abs(len(plan[sharers[0]]) - len(plan[sharers[1]])) <= 1, plan
+    # one shared folder: the shards nobody holds, round-robin, nothing twice
+    assert deal_shards(5, [{1}, {1}], [3, 3]) == [[0, 3], [2, 4]]
+    # a folder that holds everything builds nothing; a node-local one beside it builds all, split between its ranks
+    plan = deal_shards(4, [{0, 1, 2, 3}, {0, 1, 2, 3}, set(), set()], [1, 1, 2, 2])
+    assert plan[:2] == [[], []] and sorted(plan[2] + plan[3]) == [0, 1, 2, 3] and len(plan[2]) == 2
+
+
+def test_every_process_that_sees_a_folder_reads_the_same_token_and_another_folder_another(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from finetune.data.storage.shard_build import folder_token
+
+    with ThreadPoolExecutor(8) as pool:
+        tokens = set(pool.map(lambda _: folder_token(tmp_path / "a"), range(16)))
+    assert len(tokens) == 1 and folder_token(tmp_path / "b") not in tokens
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [".folder-token"], "no temporary left behind"
+
+
 def test_the_rank_relaunch_keeps_config_flags_and_user_hydra_overrides_but_not_the_sweep():
     from finetune.run.distributed import job_command_line
 

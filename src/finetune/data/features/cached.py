@@ -23,6 +23,7 @@ from finetune.data.sources.file_listing import record_files
 from finetune.data.storage.shard_store import Column, Entry, MappedEntry, default_rows_per_shard, human_bytes
 from finetune.run.progress import Progress
 from finetune.run.identity import package_version, source_digest
+from finetune.data.storage.shard_build import build_across_ranks, finish_entry
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class CachedFeatureDataModule(SplitLoaders):
         return self.images.num_classes
 
     def prepare_data(self) -> None:
+        self.images.trainer = self.trainer  # the images' store is built by every rank under DDP (setup)
         self.images.prepare_data()
 
     @property
@@ -176,6 +178,8 @@ class CachedFeatureDataModule(SplitLoaders):
     def setup(self, stage: str | None = None) -> None:
         if self.splits or self.resident:
             return
+        self.images.trainer = self.trainer
+        self.images.setup(stage)  # every rank builds its share of an image store now, before any entry lock is held
         device = self.training_device
         problem = self.cache.writable()
         if problem is not None:
@@ -231,30 +235,27 @@ class CachedFeatureDataModule(SplitLoaders):
 
     def _load_or_extract(self, split: str, key: str, identity: dict, device: torch.device) -> MappedEntry:
         world, rank = world_and_rank(self.trainer)
+
+        def build(shards: list[int]) -> None:
+            self._build(entry, split, shards, device, rank)
+
         if world == 1:
             with self.cache.lock(key):  # a second process that needs this entry waits, then finds it built
                 entry, valid = self._open_entry(split, key, identity, device)
                 missing = sorted(set(range(entry.num_shards)) - set(valid))
                 log_resume(split, entry, missing)
-                self._build(entry, split, missing, device, rank)
-                entry.finish()
+                build(missing)
+                finish_entry(entry, build)
             return entry.open()
-        # Several ranks: the shards no rank holds are split between them; each rank then builds whatever its own
-        # folder still lacks (with node-local folders, what the other nodes wrote), a shard at a time.
-        strategy = self.trainer.strategy
+        # Several ranks: the shards no rank holds are dealt out across all of them, then what each folder still lacks
+        # (node-local folders: what the other nodes wrote) among the ranks that share it (shard_build.py)
         with self.cache.lock(key):
             entry, valid = self._open_entry(split, key, identity, device)
-            held = torch.zeros(entry.num_shards, dtype=torch.int32, device=device)
-            held[valid] = 1
-        nobody = (strategy.all_gather(held).reshape(world, -1).amax(0) == 0).nonzero().flatten().tolist()
         if rank == 0:
-            log_resume(split, entry, nobody)
-        self._build(entry, split, nobody[rank::world], device, rank)
-        strategy.barrier("feature_cache_shards")
-        self._build(entry, split, entry.missing_shards(), device, rank)
+            log_resume(split, entry, sorted(set(range(entry.num_shards)) - set(valid)))
+        build_across_ranks(entry, valid, self.trainer.strategy, build)
         with self.cache.lock(key):
-            entry.finish()
-        strategy.barrier("feature_cache_written")
+            finish_entry(entry, build)
         return entry.open()
 
     def _build(self, entry: Entry, split: str, shards: list[int], device: torch.device, rank: int) -> None:

@@ -23,10 +23,12 @@ class PhaseInputs(LightningDataModule):
         return self.features.report
 
     def prepare_data(self) -> None:
+        self.images.trainer = self.features.trainer = self.trainer  # under DDP the image store is built in setup
         self.images.prepare_data()
 
     def setup(self, stage: str | None = None) -> None:
         self.images.trainer = self.features.trainer = self.trainer
+        self.images.setup(stage)  # under DDP every rank builds its share of an image store here
         if stage in ("fit", None):
             self.features.setup(stage)
             # Lightning asks for the train and val loaders again at every epoch, so a phase boundary switches inputs

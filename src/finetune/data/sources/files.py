@@ -30,20 +30,24 @@ class FileImageDataModule(ImageDataModule):
     geometry = "crop"
 
     def __init__(self, store: bool = False, store_size: int | None = None, store_dir: str | None = None,
-                 store_decode: str = "auto", **kwargs):
+                 store_decode: str = "auto", store_shard_rows: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if store_size is not None and int(store_size) <= 0:
             raise ConfigError(f"data.store_size={store_size} must be a positive number of pixels, or null (the eval "
                               f"resize, floor(image_size / crop_pct))")
         if store_decode not in DECODERS:
             raise ConfigError(f"data.store_decode={store_decode!r} is not one of {', '.join(DECODERS)}")
+        if store_shard_rows is not None and int(store_shard_rows) <= 0:
+            raise ConfigError(f"data.store_shard_rows={store_shard_rows} must be a positive number of images, or null "
+                              f"(about 256 MiB a shard)")
         self.store: ImageStore | None = None
         if store:
-            self.store = ImageStore(self, store_dir or "logs/feature_cache", store_size, store_decode)
+            self.store = ImageStore(self, store_dir or "logs/feature_cache", store_size, store_decode, store_shard_rows)
 
     def prepare_data(self) -> None:
-        """Once per node (Lightning runs it on local rank 0; the other ranks wait): build the image store."""
-        if self.store is not None:
+        """One process: build the image store here. Under DDP, Lightning runs this on local rank 0 while the others
+        wait in a barrier, so the store is built in setup instead, where every rank decodes its share."""
+        if self.store is not None and world_and_rank(self.trainer)[0] == 1:
             self.store.prepare()
 
     @property
@@ -52,8 +56,9 @@ class FileImageDataModule(ImageDataModule):
         return eval_resize_size(self.image_size, self.preprocessing["crop_pct"])
 
     def setup(self, stage: str | None = None) -> None:
-        if self.store is not None and not self.store.entries:  # a caller that skipped prepare_data (eval, tests)
-            self.store.prepare(world_and_rank(self.trainer)[1])
+        if self.store is not None and not self.store.entries:  # DDP, or a caller that skipped prepare_data (eval)
+            distributed = self.trainer is not None and self.trainer.world_size > 1
+            self.store.prepare(self.trainer.strategy if distributed else None)
         if self.store is not None and self.store.size < self.eval_resize:
             raise ConfigError(f"data.store_size={self.store.size} is smaller than the eval resize "
                               f"{self.eval_resize}; use null or more")

@@ -31,6 +31,7 @@ from finetune.data.sources.file_listing import record_files
 from finetune.data.storage.shard_store import Column, Entry, MappedEntry, default_rows_per_shard
 from finetune.run.progress import Progress
 from finetune.run.identity import package_version, source_digest
+from finetune.data.storage.shard_build import build_across_ranks, finish_entry
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +151,11 @@ class ImageStore:
     """The decode-once entries of one datamodule: one per split, keyed by the files (paths, sizes, modification
     times), the stored size and resize method, and the code that stores them."""
 
-    def __init__(self, datamodule, root: str, store_size: int | None = None, decoder: str = "auto"):
+    def __init__(self, datamodule, root: str, store_size: int | None = None, decoder: str = "auto",
+                 shard_rows: int | None = None):
         self.datamodule, self.cache = datamodule, FeatureCache(root)
         self.store_size = int(store_size) if store_size else None
+        self.shard_rows = int(shard_rows) if shard_rows else None
         self.decode_on = decode_device(decoder)
         self.entries: dict[str, MappedEntry] = {}
         self.report = {"images_decoded": 0, "store_build_seconds": 0.0, "store_hit": True}
@@ -179,37 +182,52 @@ class ImageStore:
                 "code": {"torchvision": torchvision.__version__, "pillow": PIL.__version__,
                          "finetune": package_version(), "source": store_code_digest()}}
 
-    def prepare(self, rank: int = 0) -> None:
-        """Build every split's entry that is missing or partial (a killed build resumes from its shards)."""
+    def prepare(self, strategy=None) -> None:
+        """Build every split's entry that is missing or partial (a killed build resumes from its shards). Under DDP
+        (`strategy`: Lightning's, of a world of several ranks), every rank calls this and decodes its share of the
+        shards (shard_build.py), so no rank waits on another for more than about a shard."""
         for split in ("train", "val", "test"):
-            self.entries[split] = self._open_or_build(split, rank)
+            self.entries[split] = self._open_or_build(split, strategy)
 
-    def _open_or_build(self, split: str, rank: int) -> MappedEntry:
+    def _open_or_build(self, split: str, strategy) -> MappedEntry:
         identity = self.identity(split)
         key = self.cache.key(identity)
-        with self.cache.lock(key):
-            entry = self.cache.entry(key)
-            columns = {"images": Column("uint8", (self.size, self.size, 3)), "labels": Column("int64", ())}
-            entry.create(identity, identity["num_samples"], default_rows_per_shard(columns["images"].row_bytes),
-                         columns)
-            missing = entry.missing_shards()
-            if missing:
+        entry = self.cache.entry(key)
+        rank = strategy.global_rank if strategy is not None else 0
+
+        def build(shards: list[int]) -> None:
+            self._build(entry, split, shards, rank)
+
+        columns = {"images": Column("uint8", (self.size, self.size, 3)), "labels": Column("int64", ())}
+        with self.cache.lock(key):  # a second process that needs this entry waits, then finds it built
+            entry.create(identity, identity["num_samples"],
+                         self.shard_rows or default_rows_per_shard(columns["images"].row_bytes), columns)
+            valid = entry.valid_shards()
+            if len(valid) < entry.num_shards and rank == 0:  # what `finetune-cache verify` checks the files against
                 record_files(entry.folder, getattr(self.datamodule.split_dataset(split), "samples", None))
-                self._build(entry, split, missing, rank)
-            entry.finish()
+            if valid and len(valid) < entry.num_shards and rank == 0:
+                log.info("resuming the image store of %s: %d of %d shards are there (%s)", split, len(valid),
+                         entry.num_shards, entry.folder)
+            if strategy is None or strategy.world_size == 1:
+                build(sorted(set(range(entry.num_shards)) - set(valid)))
+                finish_entry(entry, build)
+                return entry.open()
+        build_across_ranks(entry, valid, strategy, build)
+        with self.cache.lock(key):
+            finish_entry(entry, build)
         return entry.open()
 
     def _build(self, entry: Entry, split: str, shards: list[int], rank: int) -> None:
+        if not shards:
+            return
         self.report["store_hit"] = False
         start_time = time.perf_counter()
         geometry = StoreGeometry(self.datamodule.preprocessing, self.size)
         dataset = self.datamodule.split_dataset(split, transform=geometry)
         files = getattr(dataset, "samples", None) if self.decode_on is not None else None  # torchvision decodes files
         rows = sum(stop - start for start, stop in map(entry.shard_range, shards))
-        if len(shards) < entry.num_shards:
-            log.info("resuming the image store of %s at row %s of %s (%s)", split,
-                     f"{entry.shard_range(shards[0])[0]:,}", f"{entry.rows:,}", entry.folder)
-        with Progress(f"storing {split} images", rows, unit="images", enabled=rank == 0) as progress:
+        share = "" if rows == entry.rows else f" (this rank's {rows:,} of {entry.rows:,})"
+        with Progress(f"storing {split} images{share}", rows, unit="images", enabled=rank == 0) as progress:
             for shard in shards:
                 start, stop = entry.shard_range(shard)
                 images = torch.empty((stop - start, self.size, self.size, 3), dtype=torch.uint8)

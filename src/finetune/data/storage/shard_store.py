@@ -25,6 +25,7 @@ import mmap
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -97,9 +98,48 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def writer_tag() -> str:
+    """`<host>-<pid>` of this process, as a temporary file's name carries it (the host's dots made `_`)."""
+    return f"{re.sub(r'[^A-Za-z0-9-]', '_', socket.gethostname())}-{os.getpid()}"
+
+
+# `.<final name>.<host>-<pid>.<random>.tmp`: who wrote a temporary, so a later process can tell a dead writer's
+TEMPORARY_PATTERN = re.compile(r"\.(?P<target>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[^.]+\.tmp")
+STALE_SECONDS = 3600  # a temporary of another host untouched this long has no live writer (a shard takes seconds)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def stale_temporaries(folder: Path) -> list[Path]:
+    """Temporaries in `folder` whose writer is gone: of this host, when its pid no longer runs; of another host (or
+    of a name without a writer), when untouched for STALE_SECONDS. A live writer's are never in the list."""
+    here = writer_tag().rsplit("-", 1)[0]
+    stale = []
+    for path in folder.glob(".*.tmp"):
+        match = TEMPORARY_PATTERN.fullmatch(path.name)
+        try:
+            if match and match["host"] == here:
+                if not process_alive(int(match["pid"])):
+                    stale.append(path)
+            elif time.time() - path.stat().st_mtime > STALE_SECONDS:
+                stale.append(path)
+        except FileNotFoundError:  # its writer renamed it meanwhile
+            continue
+    return stale
+
+
 def write_atomically(path: Path, write) -> None:
-    """write(handle) to a temporary file in the same folder, fsync, rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """write(handle) to a temporary file in the same folder, fsync, rename over `path`. The temporary's name says
+    which process writes it (stale_temporaries), so what a kill leaves behind is cleared by the next open."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a shared cache from the group's other users
         with os.fdopen(fd, "wb") as handle:
@@ -180,6 +220,7 @@ class Entry:
 
     def create(self, identity: dict, rows: int, rows_per_shard: int, columns: dict[str, Column]) -> None:
         """Start an entry (or keep the one there: its layout wins, so a resumed build fills the same shards)."""
+        self.remove_stale_temporaries()
         if self.manifest is not None:
             if self.manifest["rows"] != rows or self.columns != columns:
                 log.warning("store entry %s holds %s rows of %s, not %s of %s; starting it again", self.key,
@@ -196,6 +237,22 @@ class Entry:
             "rows": int(rows), "rows_per_shard": int(max(1, min(rows_per_shard, max(rows, 1)))),
             "columns": {n: {"dtype": c.dtype, "shape": list(c.shape)} for n, c in columns.items()},
             "complete": False, "shards": []})
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete what killed writers left half-written here (up to a shard each); a live writer's stay."""
+        if not self.folder.is_dir():
+            return
+        freed = 0
+        stale = stale_temporaries(self.folder)
+        for path in stale:
+            try:
+                freed += path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        if stale:
+            log.info("store entry %s: removed %d temporary file(s) of killed writers (%s)", self.key, len(stale),
+                     human_bytes(freed))
 
     def _write_manifest(self, manifest: dict) -> None:
         write_atomically(self.manifest_path, lambda h: h.write(json.dumps(manifest, indent=1, default=str).encode()))
