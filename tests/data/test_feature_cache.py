@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from finetune.data.storage import shard_store
-from finetune.data.features.cached import PROBE_SAMPLES
+from finetune.data.features.extraction import PROBE_SAMPLES
 from finetune.data.features.cache import FeatureCache
 from finetune.data.storage.shard_store import StoreWriteError
 from finetune.build import build
@@ -145,7 +145,7 @@ def test_a_constructor_argument_that_changes_the_forward_but_no_weight_misses(ti
 
 
 def test_another_extraction_mode_misses(tiny, monkeypatch):
-    from finetune.data.features import cached
+    from finetune.data.features import identity as cached
 
     first = prepared(tiny("strategy=cached"), [])
     # what a GPU run does (bf16 autocast), here on the CPU: the same weights, other numbers
@@ -162,7 +162,7 @@ def test_extraction_follows_the_runs_precision(tiny, monkeypatch):
     """cached extracted under bf16 autocast on a GPU even with trainer.precision=32-true, while eval and predict ran
     the backbone in fp32: extraction now runs in the run's precision (here on the CPU, where
     trainer.precision=bf16-mixed autocasts too), and the key says which."""
-    from finetune.data.features import cached
+    from finetune.data.features import identity as cached
 
     monkeypatch.setattr(cached, "auto_precision", lambda accelerator="auto": "bf16-mixed")  # what a GPU would pick
     _, _, full = fit(tiny("strategy=cached", "trainer.max_epochs=1", "trainer.precision=32-true"))
@@ -359,7 +359,7 @@ def test_the_code_digest_covers_the_preprocessing_module(tiny, tmp_path, monkeyp
     from pathlib import Path
 
     from finetune.data import preprocessing
-    from finetune.data.features import cached
+    from finetune.data.features import identity as cached
 
     images = build(tiny("strategy=cached"))[0].images
     before = cached.code_versions(images)["source"]

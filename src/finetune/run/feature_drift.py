@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.data.base import ImageDataModule
-from finetune.data.features.cached import iter_features
+from finetune.data.features.extraction import iter_features
 from finetune.run.progress import Progress
 
 
