@@ -1,4 +1,6 @@
-"""The house: no import circle between the package's modules (type-only imports aside), and the top floor stays small.
+"""The house: no import circle between the package's modules (type-only imports aside), the top floor stays small,
+the README's Layout names every room and module of the top floor and nothing that is not there, and tests/ mirrors
+the rooms.
 
 Imports are read with `ast`, as written, at module level and inside functions alike: a lazy import is still an arrow
 between two rooms, and a circle of lazy imports is a circle a reader has to untangle.
@@ -7,6 +9,7 @@ between two rooms, and a circle of lazy imports is a circle a reader has to unta
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,43 @@ def test_the_circle_finder_finds_a_circle_and_ignores_type_only_imports(tmp_path
 def test_the_top_floor_holds_at_most_a_dozen_modules(folder):
     """Entry points and the core of a run; everything else lives in a room by role."""
     assert len(list((SRC / folder).glob("*.py"))) <= 12
+
+
+ROOT = SRC.parent
+PACKAGE = SRC / "finetune"
+
+
+def layout_paths() -> list[Path]:
+    """The paths the README's Layout block names in its first column: at the left margin relative to the repository,
+    indented two spaces relative to the folder above (a deeper indent continues the line above's description)."""
+    section = (ROOT / "README.md").read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```\n(.*?)```", section, re.S)
+    paths, folder = [], ROOT
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if indent > 2 or not line.strip():
+            continue
+        names = line.strip().split("  ")[0].split()
+        base = ROOT if indent == 0 else folder
+        paths += [base / name for name in names]
+        if indent == 0:
+            folder = ROOT / names[0]
+    return paths
+
+
+def test_every_path_the_readme_layout_names_exists():
+    paths = layout_paths()
+    assert len(paths) > 20, "the Layout block must be found and read"
+    assert [str(p.relative_to(ROOT)) for p in paths if not p.exists()] == []
+
+
+def test_the_readme_layout_names_every_package_and_top_level_module():
+    named = set(layout_paths())
+    packages = {p.parent for p in PACKAGE.rglob("__init__.py")} - {PACKAGE}
+    top_floor = set(PACKAGE.glob("*.py")) - {PACKAGE / "__init__.py"}
+    assert sorted(str(p.relative_to(PACKAGE)) for p in (packages | top_floor) - named) == []
+
+
+def test_tests_mirror_the_rooms_of_the_package():
+    rooms = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} - {"configs"}  # configs: test_configs.py
+    assert sorted(room for room in rooms if not (ROOT / "tests" / room).is_dir()) == []

@@ -1,8 +1,9 @@
-"""Every command the README shows runs, with small settings, so the docs cannot drift from the code.
+"""Every command the README and the docs pages (docs/*.md) show runs, with small settings, so the docs cannot drift
+from the code.
 
 Commands that need the network are run offline and must fail with the one-line message the README promises; those
-that need a GPU or a cluster are skipped without one. A command added to the README without a way to run it here
-fails test_every_readme_command_has_a_runner.
+that need a GPU or a cluster are skipped without one. A command added to the README or a docs page without a way to
+run it here fails test_every_readme_command_has_a_runner.
 """
 
 from __future__ import annotations
@@ -32,11 +33,22 @@ NOT_HERE = {"setup": "CI runs the setup command itself (.ci/run)", "tests": "the
             "cluster": "needs a SLURM cluster (tests/compare/test_compare.py composes the sweep it starts)"}
 
 
-def readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def bash_commands(text: str) -> list[str]:
     lines = [line.split("  #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
              for line in block.splitlines()]
     return [line.removeprefix(".venv/bin/") for line in lines if line]
+
+
+def documented_commands() -> dict[str, str]:
+    """{command: the first file that shows it}, README first, then docs/*.md: a command shown twice runs once."""
+    found: dict[str, str] = {}
+    for document in DOCUMENTS:
+        for command in bash_commands(document.read_text()):
+            found.setdefault(command, str(document.relative_to(ROOT)))
+    return found
 
 
 def kind(command: str) -> str | None:
@@ -66,12 +78,14 @@ def kind(command: str) -> str | None:
     return None
 
 
-COMMANDS = readme_commands()
+SOURCES = documented_commands()
+COMMANDS = list(SOURCES)
 
 
 def test_every_readme_command_has_a_runner():
     assert len(COMMANDS) >= 15
-    assert [c for c in COMMANDS if kind(c) is None] == []
+    assert any(source.startswith("docs/") for source in SOURCES.values()), "the docs pages' commands are read too"
+    assert [f"{SOURCES[c]}: {c}" for c in COMMANDS if kind(c) is None] == []
 
 
 def with_small_settings(words: list[str]) -> list[str]:
