@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from finetune.data.storage import shard_store
+from finetune.data.storage import shard_checks, shard_store, shard_writing
 from finetune.data.features.extraction import PROBE_SAMPLES
 from finetune.data.features.cache import FeatureCache
 from finetune.data.storage.shard_store import StoreWriteError
@@ -271,13 +271,13 @@ def test_a_damaged_or_missing_shard_is_rebuilt_alone(tiny, caplog, damage):
 
 def test_a_hit_reads_manifests_and_maps_shards_without_hashing_them(tiny, monkeypatch):
     prepared(tiny(*SHARDED), [])
-    monkeypatch.setattr(shard_store, "file_sha256", lambda path: pytest.fail(f"a hit hashed all of {path}"))
-    monkeypatch.setattr(shard_store, "write_npy", lambda *a: pytest.fail("a hit wrote a shard"))
+    monkeypatch.setattr(shard_checks, "file_sha256", lambda path: pytest.fail(f"a hit hashed all of {path}"))
+    monkeypatch.setattr(shard_writing, "write_npy", lambda *a: pytest.fail("a hit wrote a shard"))
     assert prepared(tiny(*SHARDED), []).report["cache_hit"] is True
 
 
 def test_a_full_disk_mid_extraction_is_one_line_and_the_next_run_resumes(tiny, monkeypatch, caplog):
-    real_write, calls = shard_store.write_npy, []
+    real_write, calls = shard_writing.write_npy, []
 
     def fills_the_disk(handle, array):
         calls.append(1)
@@ -285,14 +285,14 @@ def test_a_full_disk_mid_extraction_is_one_line_and_the_next_run_resumes(tiny, m
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(handle, array)
 
-    monkeypatch.setattr(shard_store, "write_npy", fills_the_disk)
+    monkeypatch.setattr(shard_writing, "write_npy", fills_the_disk)
     cfg = tiny(*SHARDED)
     with pytest.raises(StoreWriteError) as failure:
         prepared(cfg, [])
     message = str(failure.value)
     assert "\n" not in message and "no space left on the device" in message and str(cfg.paths.cache_dir) in message
     assert "run again to resume" in message and "KiB in all" in message
-    monkeypatch.setattr(shard_store, "write_npy", real_write)
+    monkeypatch.setattr(shard_writing, "write_npy", real_write)
     caplog.set_level(logging.INFO)
     resumed = prepared(cfg, [])
     assert resumed.report["rows_extracted"] == 32 + 16 + 16 and "resuming extraction of train" in caplog.text

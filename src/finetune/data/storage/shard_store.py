@@ -17,189 +17,31 @@ rows on every hit).
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
-import mmap
 import os
-import re
 import shutil
-import socket
 import tempfile
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from filelock import FileLock
 
-from finetune.errors import ConfigError
+from finetune.data.storage.shard_checks import EntryChecks
+from finetune.data.storage.shard_files import (EDGE_BYTES, FORMAT_VERSION, KEY_LENGTH, KEY_PATTERN, SHARD_BYTES,  # noqa: F401
+                                               STORAGE, TORCH_VIEW, Column, HashingWriter, StoreWriteError,
+                                               default_rows_per_shard, edge_sha256, file_sha256, fsync_folder,
+                                               human_bytes, map_npy, stale_temporaries, write_atomically, write_npy)
+from finetune.data.storage.shard_writing import EntryWriting
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 3
-KEY_LENGTH = 24
-KEY_PATTERN = re.compile(rf"[0-9a-f]{{{KEY_LENGTH}}}")
-EDGE_BYTES = 64 * 1024
-SHARD_BYTES = 256 * 2**20  # default shard size: about this much of an entry's widest column
 
 
-def default_rows_per_shard(row_bytes: int) -> int:
-    return max(1, SHARD_BYTES // max(row_bytes, 1))
-# numpy has no bfloat16: its bytes are stored as uint16 and viewed back
-STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int64": np.int64,
-           "uint8": np.uint8}
-TORCH_VIEW = {"bfloat16": (np.int16, torch.bfloat16)}
-
-
-class StoreWriteError(ConfigError):
-    """A shard could not be written (disk full, folder not writable): the complete shards stay for the next run."""
-
-
-def human_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def edge_sha256(path: Path, size: int) -> str:
-    """sha256 of a file's first and last EDGE_BYTES: a cheap check that catches a rewritten header or tail."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        digest.update(handle.read(EDGE_BYTES))
-        handle.seek(max(size - EDGE_BYTES, 0))
-        digest.update(handle.read(EDGE_BYTES))
-    return digest.hexdigest()
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make renames in `folder` durable (a rename is only on disk once its directory is)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def writer_tag() -> str:
-    """`<host>-<pid>` of this process, as a temporary file's name carries it (the host's dots made `_`)."""
-    return f"{re.sub(r'[^A-Za-z0-9-]', '_', socket.gethostname())}-{os.getpid()}"
-
-
-# `.<final name>.<host>-<pid>.<random>.tmp`: who wrote a temporary, so a later process can tell a dead writer's
-TEMPORARY_PATTERN = re.compile(r"\.(?P<target>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[^.]+\.tmp")
-STALE_SECONDS = 3600  # a temporary of another host untouched this long has no live writer (a shard takes seconds)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def stale_temporaries(folder: Path) -> list[Path]:
-    """Temporaries in `folder` whose writer is gone: of this host, when its pid no longer runs; of another host (or
-    of a name without a writer), when untouched for STALE_SECONDS. A live writer's are never in the list."""
-    here = writer_tag().rsplit("-", 1)[0]
-    stale = []
-    for path in folder.glob(".*.tmp"):
-        match = TEMPORARY_PATTERN.fullmatch(path.name)
-        try:
-            if match and match["host"] == here:
-                if not process_alive(int(match["pid"])):
-                    stale.append(path)
-            elif time.time() - path.stat().st_mtime > STALE_SECONDS:
-                stale.append(path)
-        except FileNotFoundError:  # its writer renamed it meanwhile
-            continue
-    return stale
-
-
-def write_atomically(path: Path, write) -> None:
-    """write(handle) to a temporary file in the same folder, fsync, rename over `path`. The temporary's name says
-    which process writes it (stale_temporaries), so what a kill leaves behind is cleared by the next open."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a shared cache from the group's other users
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-class HashingWriter:
-    """A file handle that hashes what passes through it, so a shard's sha256 costs no second read."""
-
-    def __init__(self, handle):
-        self.handle, self.digest, self.size = handle, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        self.size += len(data)
-        return self.handle.write(data)
-
-
-def write_npy(handle, array: np.ndarray) -> None:
-    """np.save without the whole-array copy that np.save makes for a non-file handle: header, then 16 MiB chunks."""
-    np.lib.format.write_array_header_1_0(handle, np.lib.format.header_data_from_array_1_0(array))
-    flat = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-    for start in range(0, len(flat), 16 << 20):
-        handle.write(flat[start:start + (16 << 20)])
-
-
-@dataclass(frozen=True)
-class Column:
-    dtype: str  # the torch dtype's name
-    shape: tuple[int, ...]  # of one row
-
-    @property
-    def storage(self):
-        return STORAGE[self.dtype]
-
-    @property
-    def row_bytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.storage).itemsize
-
-    def to_numpy(self, tensor: torch.Tensor) -> np.ndarray:
-        tensor = tensor.detach().cpu()
-        if self.dtype in TORCH_VIEW:
-            return tensor.view(torch.int16).numpy().view(self.storage)
-        return tensor.numpy()
-
-    def to_torch(self, array: np.ndarray) -> torch.Tensor:
-        if self.dtype in TORCH_VIEW:
-            signed, dtype = TORCH_VIEW[self.dtype]
-            return torch.from_numpy(array.view(signed)).view(dtype)
-        return torch.from_numpy(array)
-
-
-class Entry:
-    """One entry's folder. Not thread-safe; processes that share a folder coordinate through `Store.lock`."""
+class Entry(EntryWriting, EntryChecks):
+    """One entry's folder: its layout on disk (the manifest, rows, shards, columns, file names) and opening it as
+    maps; writing is EntryWriting's (shard_writing.py), checking EntryChecks' (shard_checks.py). Not thread-safe;
+    processes that share a folder coordinate through `Store.lock`."""
 
     def __init__(self, folder: Path, key: str):
         self.folder, self.key = folder, key
@@ -217,42 +59,6 @@ class Entry:
             if isinstance(manifest, dict) and manifest.get("format") == FORMAT_VERSION:
                 self._manifest = manifest
         return self._manifest
-
-    def create(self, identity: dict, rows: int, rows_per_shard: int, columns: dict[str, Column]) -> None:
-        """Start an entry (or keep the one there: its layout wins, so a resumed build fills the same shards)."""
-        self.remove_stale_temporaries()
-        if self.manifest is not None:
-            if self.manifest["rows"] != rows or self.columns != columns:
-                log.warning("store entry %s holds %s rows of %s, not %s of %s; starting it again", self.key,
-                            self.manifest["rows"], self.manifest["columns"], rows, columns)
-                self.remove()
-            else:
-                if self.rows_per_shard != rows_per_shard:
-                    log.info("store entry %s keeps its %d rows per shard (asked: %d)", self.key,
-                             self.rows_per_shard, rows_per_shard)
-                return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._write_manifest({
-            "format": FORMAT_VERSION, "key": self.key, "identity": identity, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "rows": int(rows), "rows_per_shard": int(max(1, min(rows_per_shard, max(rows, 1)))),
-            "columns": {n: {"dtype": c.dtype, "shape": list(c.shape)} for n, c in columns.items()},
-            "complete": False, "shards": []})
-
-    def remove_stale_temporaries(self) -> None:
-        """Delete what killed writers left half-written here (up to a shard each); a live writer's stay."""
-        if not self.folder.is_dir():
-            return
-        freed = 0
-        stale = stale_temporaries(self.folder)
-        for path in stale:
-            try:
-                freed += path.stat().st_size
-                path.unlink()
-            except FileNotFoundError:
-                pass
-        if stale:
-            log.info("store entry %s: removed %d temporary file(s) of killed writers (%s)", self.key, len(stale),
-                     human_bytes(freed))
 
     def _write_manifest(self, manifest: dict) -> None:
         write_atomically(self.manifest_path, lambda h: h.write(json.dumps(manifest, indent=1, default=str).encode()))
@@ -294,7 +100,6 @@ class Entry:
     def _file_name(self, shard: int, column: str) -> str:
         return f"shard-{shard:05d}.{column}.npy"
 
-    # -- shards ------------------------------------------------------------------------------------------------
     def records(self) -> dict[int, dict]:
         """The shard records: from the manifest of a complete entry (one read), else one file per written shard."""
         if self.complete:
@@ -308,95 +113,9 @@ class Entry:
                 log.warning("store entry %s: unreadable shard record %s; its rows are written again", self.key, path.name)
         return found
 
-    def check_shard(self, record: dict) -> str | None:
-        """Why the shard is unusable (missing or truncated file, header or ends changed), or None: O(1) reads."""
-        start, stop = self.shard_range(record["shard"])
-        if record.get("rows") != stop - start:
-            return f"it holds {record.get('rows')} rows, the layout says {stop - start}"
-        for column, spec in self.columns.items():
-            info = record["files"].get(column)
-            path = self.folder / (info or {}).get("file", self._file_name(record["shard"], column))
-            if info is None or not path.exists():
-                return f"{path.name} is missing"
-            size = path.stat().st_size
-            if size != info["bytes"]:
-                return f"{path.name} is {size} bytes, {info['bytes']} were written"
-            if edge_sha256(path, size) != info["edge_sha256"]:
-                return f"{path.name} changed (its first or last {EDGE_BYTES // 1024} KiB differ)"
-        return None
-
-    def valid_shards(self) -> list[int]:
-        """Shards that are there and pass the cheap checks; a damaged one is named, removed, and counts as missing."""
-        valid = []
-        for shard, record in sorted(self.records().items()):
-            if shard >= self.num_shards:
-                continue
-            problem = self.check_shard(record)
-            if problem is None:
-                valid.append(shard)
-                continue
-            log.warning("store entry %s: shard %d (rows %d-%d) is damaged: %s; extracting those rows again",
-                        self.key, shard, *self.shard_range(shard), problem)
-            self.drop_shard(shard)
-        return valid
-
-    def missing_shards(self) -> list[int]:
-        return sorted(set(range(self.num_shards)) - set(self.valid_shards()))
-
-    def drop_shard(self, shard: int) -> None:
-        if self.complete:  # the records stay in their own files; the manifest stops vouching for them
-            self._write_manifest({**self.manifest, "complete": False, "shards": []})
-        self._record_path(shard).unlink(missing_ok=True)
-        for column in self.columns:
-            (self.folder / self._file_name(shard, column)).unlink(missing_ok=True)
-
-    def write_shard(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write one shard's columns, each atomically, then its record: the shard exists from that rename on."""
-        start, stop = self.shard_range(shard)
-        files = {}
-        try:
-            for column, spec in self.columns.items():
-                array = arrays[column]
-                if array.shape != (stop - start, *spec.shape) or array.dtype != np.dtype(spec.storage):
-                    raise ValueError(f"shard {shard} column {column}: got {array.shape} {array.dtype}, expected "
-                                     f"{(stop - start, *spec.shape)} {np.dtype(spec.storage)}")
-                path = self.folder / self._file_name(shard, column)
-                writer = {}
-
-                def write(handle, array=array, writer=writer):
-                    writer["w"] = HashingWriter(handle)
-                    write_npy(writer["w"], array)
-
-                write_atomically(path, write)
-                files[column] = {"file": path.name, "bytes": writer["w"].size,
-                                 "sha256": writer["w"].digest.hexdigest(), "edge_sha256": edge_sha256(path, writer["w"].size)}
-            record = {"shard": shard, "start": start, "rows": stop - start, "files": files}
-            write_atomically(self._record_path(shard), lambda h: h.write(json.dumps(record, indent=1).encode()))
-            fsync_folder(self.folder)
-        except OSError as err:
-            written = sum(self.shard_bytes(s) for s in self.records())
-            reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-            raise StoreWriteError(
-                f"could not write shard {shard} of {self.folder} ({reason}): the entry needs "
-                f"{human_bytes(self.total_bytes)} in all, {human_bytes(written)} of it is written and kept; free "
-                f"{human_bytes(max(self.total_bytes - written, 0))} there (or point paths.cache_dir elsewhere) and run "
-                f"again to resume") from err
-
     def shard_bytes(self, shard: int) -> int:
         start, stop = self.shard_range(shard)
         return (stop - start) * sum(c.row_bytes for c in self.columns.values())
-
-    def finish(self) -> bool:
-        """Write the complete manifest once every shard is there; False (nothing written) while some are missing."""
-        self.reload()  # another rank sharing the folder may have finished it
-        if self.complete:
-            return True
-        records = self.records()
-        if set(records) != set(range(self.num_shards)):
-            return False
-        self._write_manifest({**self.manifest, "complete": True, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                              "shards": [records[s] for s in range(self.num_shards)]})
-        return True
 
     def open(self, shards: list[int] | None = None) -> "MappedEntry":
         """Map the entry's shards (or only `shards`, e.g. the valid ones of a partial entry)."""
@@ -405,18 +124,6 @@ class Entry:
     def reload(self) -> None:
         """Forget the manifest read so far (another process may have finished the entry)."""
         self._manifest = None
-
-    def verify(self) -> dict[int, str]:
-        """Every file's full sha256 against its record: {damaged shard: what is wrong} (empty when all are whole)."""
-        damaged = {}
-        for shard, record in sorted(self.records().items()):
-            for info in record["files"].values():
-                path = self.folder / info["file"]
-                if not path.exists():
-                    damaged[shard] = f"{info['file']} is missing"
-                elif file_sha256(path) != info["sha256"]:
-                    damaged[shard] = f"{info['file']} does not match its sha256"
-        return damaged
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -430,21 +137,6 @@ class Entry:
         return {"key": self.key, "identity": self.manifest.get("identity", {}), "created": self.manifest.get("created"),
                 "rows": self.rows, "rows_done": done_rows, "shards": self.num_shards, "shards_done": len(records),
                 "bytes": size, "columns": self.manifest["columns"], "complete": self.complete}
-
-
-def map_npy(path: Path) -> np.ndarray:
-    """A .npy file as an array over its memory map: copy-on-write, so torch takes the array without a read-only
-    warning and nothing is ever written back; no byte is read until a row is."""
-    with open(path, "rb") as handle:
-        version = np.lib.format.read_magic(handle)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(handle)
-        offset = handle.tell()
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-    if fortran:
-        raise ValueError(f"{path} is Fortran-ordered; the store writes C order")
-    count = int(np.prod(shape, dtype=np.int64))
-    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 class MappedEntry:
