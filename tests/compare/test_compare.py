@@ -178,19 +178,30 @@ def test_the_interval_resamples_splits_too():
                                                                       - interval(tables[1:2]).low)
 
 
+def best_close_and_worse(seed: int, worse_by: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """3 seeds x 2,000 test images: the best strategy's correct cells, one of the same expected accuracy, and one
+    that misses `worse_by` more images in every seed."""
+    generator = np.random.default_rng(seed)
+    best = generator.random((3, 2000)) < 0.9
+    worse = best.copy()
+    worse[:, np.flatnonzero(best[0])[:worse_by]] = False
+    return best, flipped(best, generator), worse
+
+
+def fake_runs(folder, strategies) -> None:
+    """fake_run for every seed of each (name, correct per seed, fit seconds, trainable params, val score)."""
+    for name, correct, seconds, params, val in strategies:
+        for seed in range(len(correct)):
+            fake_run(folder / f"{name}_seed{seed}", name, seed, correct[seed], seconds, params, val=val)
+
+
 def test_the_recommendation_is_the_cheapest_strategy_shown_equivalent(tmp_path):
     from finetune.compare.decide import decide
     from finetune.compare.report import collect_runs
 
-    generator = np.random.default_rng(1)
-    best = generator.random((3, 2000)) < 0.9
-    close = flipped(best, generator)
-    far = best.copy()
-    far[:, np.flatnonzero(best[0])[:300]] = False
-    for name, correct, seconds, params, val in [("full", best, 100.0, 1000, 0.95), ("norm", close, 40.0, 20, 0.94),
-                                                ("freeze", far, 10.0, 5, 0.80)]:
-        for seed in range(3):
-            fake_run(tmp_path / "near" / f"{name}_seed{seed}", name, seed, correct[seed], seconds, params, val=val)
+    best, close, far = best_close_and_worse(1, worse_by=300)
+    fake_runs(tmp_path / "near", [("full", best, 100.0, 1000, 0.95), ("norm", close, 40.0, 20, 0.94),
+                                  ("freeze", far, 10.0, 5, 0.80)])
     decision = decide(collect_runs(tmp_path / "near"), margin_points=2.0)
     assert decision["reference"] == "full", "the best val score, not the best test score"
     assert decision["by_time"] == decision["by_params"] == "norm"
@@ -209,17 +220,10 @@ def test_adding_a_strategy_never_makes_a_cheap_one_easier_to_recommend(tmp_path)
     from finetune.compare.decide import decide
     from finetune.compare.report import collect_runs
 
-    generator = np.random.default_rng(2)
-    best = generator.random((3, 2000)) < 0.9
-    close = flipped(best, generator)
-    middle = best.copy()
-    middle[:, np.flatnonzero(best[0])[:200]] = False
-    for name, correct, seconds in [("full", best, 100.0), ("cached", close, 5.0)]:
-        for seed in range(3):
-            fake_run(tmp_path / "two" / f"{name}_seed{seed}", name, seed, correct[seed], seconds, 10, val=0.9)
-            fake_run(tmp_path / "three" / f"{name}_seed{seed}", name, seed, correct[seed], seconds, 10, val=0.9)
-    for seed in range(3):
-        fake_run(tmp_path / "three" / f"lora_seed{seed}", "lora", seed, middle[seed], 50.0, 10, val=0.5)
+    best, close, middle = best_close_and_worse(2, worse_by=200)
+    for folder in ("two", "three"):
+        fake_runs(tmp_path / folder, [("full", best, 100.0, 10, 0.9), ("cached", close, 5.0, 10, 0.9)])
+    fake_runs(tmp_path / "three", [("lora", middle, 50.0, 10, 0.5)])
     assert decide(collect_runs(tmp_path / "two"), reference="full")["by_time"] == "cached"
     three = decide(collect_runs(tmp_path / "three"), reference="full")
     assert three["order"] == ["lora", "cached"] and three["by_time"] == "full"
