@@ -15,7 +15,7 @@ import torch
 from finetune.callbacks.run_meter import peak_memory_mb, reset_peak_memory
 from finetune.data.base import ImageDataModule, world_and_rank
 from finetune.data.features.cache import FeatureCache
-from finetune.data.features import identity  # its extraction_mode, looked up at each call (tests patch it)
+from finetune.data.features import identity as entry_identity  # its extraction_mode, looked up at each call (tests patch it)
 from finetune.data.sources.file_listing import record_files
 from finetune.data.storage.shard_build import build_across_ranks, finish_entry
 from finetune.data.storage.shard_store import Column, Entry, MappedEntry, default_rows_per_shard
@@ -32,7 +32,7 @@ def iter_features(backbone: torch.nn.Module, images: ImageDataModule, split: str
     extraction_mode of the device and precision), one batch at a time: yields (features as `dtype` on `device`,
     labels on the host)."""
     backbone.eval()
-    mode = identity.extraction_mode(device, precision)
+    mode = entry_identity.extraction_mode(device, precision)
     autocast = torch.autocast(device.type, dtype=getattr(torch, mode["autocast"] or "float32"),
                               enabled=mode["autocast"] is not None)
     for batch_images, batch_labels in images.subset_loader(split, indices, batch_size):
@@ -104,7 +104,7 @@ class FeatureExtraction:
         if not stored.any():
             return entry, valid
         mapped = entry.open(valid)
-        exact = self.dtype == torch.float32 and identity.extraction_mode(device, self.precision)["autocast"] is None
+        exact = self.dtype == torch.float32 and entry_identity.extraction_mode(device, self.precision)["autocast"] is None
         tolerance = 1e-3 if exact else 3e-2
         error = relative_error(mapped.gather("features", probe[stored]), fresh["features"].cpu()[stored])
         if error > tolerance or not torch.equal(mapped.gather("labels", probe[stored]), fresh["labels"][stored]):
