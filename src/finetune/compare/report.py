@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
-from finetune.run.failures import FAILURE_FILE
+from finetune.run import folders
 from finetune.compare.decide import BEST_VAL, DEFAULT_MARGIN_POINTS, decide
 
 COLUMNS = [  # (key of a strategy's row: metrics.json's, averaged over seeds, or decide's; column header, format)
@@ -40,14 +39,13 @@ def collect_runs(folder: str | Path) -> list[dict]:
     last: the order follows from the runs themselves, so a new strategy needs no entry anywhere."""
     folder = Path(folder)
     rows = []
-    for run_dir in sorted({p.parent for pattern in ("metrics.json", FAILURE_FILE)
-                           for p in [*folder.glob(f"*/{pattern}"), *folder.glob(pattern)]}):
-        if (run_dir / FAILURE_FILE).exists():
-            failure = json.loads((run_dir / FAILURE_FILE).read_text())
+    for run_dir in folders.finished_or_failed(folder):
+        failure = folders.failure(run_dir)
+        if failure is not None:
             rows.append({"strategy": failure.get("strategy") or run_dir.name, "failed": True,
                          "error": failure.get("error", "?"), "run_dir": str(run_dir)})
             continue
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = folders.metrics(run_dir)
         metrics["run_dir"] = str(run_dir)
         if "val_acc" in metrics and "best_val_acc" not in metrics:  # written before 2026-11-30, monitoring val/acc
             metrics["best_val_acc"] = metrics.pop("val_acc")

@@ -13,17 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune.search.pruning import PRUNED_FILE
-from finetune.run.failures import FAILURE_FILE
-
-
-def trial_dirs(sweep_dir: Path) -> list[Path]:
-    jobs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
-    return sorted(jobs, key=lambda p: int(p.name) if p.name.isdigit() else p.name)
-
-
-def job_overrides(job_dir: Path) -> list[str]:
-    return yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+from finetune.run import folders
 
 
 def summarise_search(sweep_dir: Path, optimized_metric: str, direction: str) -> dict:
@@ -31,19 +21,18 @@ def summarise_search(sweep_dir: Path, optimized_metric: str, direction: str) -> 
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     best_params = results["best_params"]
     wanted = {f"{name}={value}" for name, value in best_params.items()}
-    trials, failed, pruned = trial_dirs(sweep_dir), [], []
+    trials, failed, pruned = folders.job_dirs(sweep_dir), [], []
     best_dir = Path(results["best_run"]) if results.get("best_run") else None
     for job in trials:
-        if (job / PRUNED_FILE).exists():
-            pruned.append({"job": job.name} | json.loads((job / PRUNED_FILE).read_text()))
-        if (job / FAILURE_FILE).exists():
-            failure = json.loads((job / FAILURE_FILE).read_text())
-            tried = [o for o in job_overrides(job) if o.split("=", 1)[0] in best_params]  # this trial's parameters
+        if folders.pruned(job) is not None:
+            pruned.append({"job": job.name} | folders.pruned(job))
+        failure = folders.failure(job)
+        if failure is not None:
+            tried = [o for o in folders.overrides(job) if o.split("=", 1)[0] in best_params]  # this trial's parameters
             failed.append({"job": job.name, "params": tried, "error": failure["error"]})
-        elif best_dir is None and wanted <= set(job_overrides(job)):
+        elif best_dir is None and wanted <= set(folders.overrides(job)):
             best_dir = job
-    best_metrics = json.loads((best_dir / "metrics.json").read_text()) if best_dir and \
-        (best_dir / "metrics.json").exists() else {}
+    best_metrics = (folders.metrics(best_dir) if best_dir else None) or {}
     summary = {"optimized_metric": optimized_metric, "direction": direction, "best_value": results["best_value"],
                "best_params": best_params, "best_run": str(best_dir) if best_dir else None,
                "best_val_acc": best_metrics.get("best_val_acc"), "best_test_acc": best_metrics.get("test_acc"),

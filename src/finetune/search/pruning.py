@@ -17,13 +17,13 @@ from pathlib import Path
 import lightning as L
 
 from finetune.errors import ConfigError
+from finetune.run.folders import PRUNED_FILE
 
 log = logging.getLogger("finetune")
 
 STORAGE_ENV = "FINETUNE_OPTUNA_STORAGE"
 STUDY_ENV = "FINETUNE_OPTUNA_STUDY"
 TRIAL_ID_ENV = "FINETUNE_OPTUNA_TRIAL_ID"
-PRUNED_FILE = "pruned.json"
 PRUNED_ATTR = "pruned_at_epoch"
 # the study's user attribute that holds its pruner, so that every job and worker prunes alike
 PRUNER_ATTR = "pruner"

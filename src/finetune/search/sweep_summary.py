@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from finetune.run.failures import FAILURE_FILE
+from finetune.run import folders
 
 log = logging.getLogger("finetune")
 
@@ -27,8 +26,10 @@ class SweepSummary(Callback):
                                        str(config.hydra.sweeper.get("direction", "maximize")))
             print(describe(summary, sweep_dir))
             return
-        jobs = [p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")]
-        failures = [json.loads(p.read_text()) | {"dir": str(p.parent)} for p in sorted(sweep_dir.glob(f"**/{FAILURE_FILE}"))]
+        jobs = folders.job_dirs(sweep_dir, nested=True)
+        # by file, not by job: a job killed before Hydra wrote its .hydra/ has only the launcher's failure.json
+        failures = [folders.failure(p.parent) | {"dir": str(p.parent)}
+                    for p in sorted(sweep_dir.glob(f"**/{folders.FAILURE_FILE}"))]
         if not failures:
             return
         lines = [f"{len(failures)} of {len(jobs)} jobs failed (the others finished; see each failure.json):"]
