@@ -390,6 +390,22 @@ def map_npy(path: Path) -> np.ndarray:
     return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
+def read_file_range(path: Path, offset: int, into: np.ndarray, drop_page_cache: bool = False) -> None:
+    """Fill `into` (bytes) from `path` at `offset`: sequential reads, which the kernel reads ahead in large requests."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view, done = memoryview(into), 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(errno.EIO, f"{path} ends at byte {offset + done}, {len(view) - done} bytes early")
+            done += got
+        if drop_page_cache:
+            os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 class MappedEntry:
     """A complete entry's columns as memory-mapped tensors, one per shard; rows are gathered by index.
 
@@ -402,9 +418,11 @@ class MappedEntry:
         self.columns = entry.columns
         records = entry.records()
         self.shards: dict[int, dict[str, torch.Tensor]] = {}
+        self.paths: dict[int, dict[str, Path]] = {}
         for shard in range(entry.num_shards) if shards is None else shards:
-            self.shards[shard] = {name: column.to_torch(map_npy(entry.folder / records[shard]["files"][name]["file"]))
-                                  for name, column in self.columns.items()}
+            self.paths[shard] = {name: entry.folder / records[shard]["files"][name]["file"] for name in self.columns}
+            self.shards[shard] = {name: self.columns[name].to_torch(map_npy(path))
+                                  for name, path in self.paths[shard].items()}
 
     def __len__(self) -> int:
         return self.rows
@@ -425,6 +443,22 @@ class MappedEntry:
             where = (shard_of == shard).nonzero().squeeze(1)
             out[where] = self.shards[shard][name].index_select(0, local[where])
         return out
+
+    def read_rows(self, name: str, start: int, out: torch.Tensor, drop_page_cache: bool = False) -> None:
+        """Rows start..start + len(out) of a column into `out` (contiguous) with plain sequential reads of the
+        shard files, not through the maps; with `drop_page_cache` the kernel is told to drop the pages read, so the
+        bytes are held once (in `out`), not also in the page cache."""
+        row_bytes = self.columns[name].row_bytes
+        done = 0
+        while done < len(out):
+            shard, local = divmod(start + done, self.rows_per_shard)
+            count = min(len(out) - done, self.rows_per_shard - local)
+            path, tensor = self.paths[shard][name], self.shards[shard][name]
+            # .npy data runs from its header to the end of the file
+            offset = path.stat().st_size - tensor.numel() * tensor.element_size() + local * row_bytes
+            read_file_range(path, offset, out[done:done + count].reshape(-1).view(torch.uint8).numpy(),
+                            drop_page_cache)
+            done += count
 
     def column(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """A whole column in one tensor on `device`, filled a shard at a time (for entries that fit there)."""
