@@ -56,8 +56,9 @@ def evict(folder: Path) -> None:
             os.close(fd)
 
 
-def epoch(folder: str, order: str, classes: int, batch_size: int) -> dict:
-    """In the child: one epoch of a linear head over the entry, the loader built as CachedFeatureDataModule does."""
+def epoch(folder: str, order: str, classes: int, batch_size: int, map_reads: bool = False) -> dict:
+    """In the child: one epoch of a linear head over the entry, the loader built as CachedFeatureDataModule does
+    (`map_reads`: a windowed epoch gathers its rows from the map, as before the window reader)."""
     import resource
 
     import torch
@@ -75,7 +76,8 @@ def epoch(folder: str, order: str, classes: int, batch_size: int) -> dict:
     if window is None:
         loader = index_batch_loader(dataset, batch_size, shuffle=True, drop_last=True)
     else:
-        loader = IndexBatchLoader(dataset, WindowedIndexBatchSampler(len(dataset), batch_size, True, 1, 0, 0, *window))
+        sampler = WindowedIndexBatchSampler(len(dataset), batch_size, True, 1, 0, 0, *window)
+        loader = IndexBatchLoader(dataset if map_reads else dataset.read_by_window(sampler), sampler)
     head = torch.nn.Linear(entry.columns["features"].shape[0], classes)
     optimizer = torch.optim.SGD(head.parameters(), lr=0.01)
     start, rows = time.perf_counter(), 0
@@ -118,7 +120,8 @@ class MemoryCgroup:
 
 def measured(folder: Path, order: str, args, cgroup: MemoryCgroup | None) -> dict:
     evict(folder)
-    command = [sys.executable, __file__, "--epoch", str(folder), "--order", order, "--classes", str(args.classes)]
+    command = [sys.executable, __file__, "--epoch", str(folder), "--order", order, "--classes", str(args.classes),
+               *(["--map-reads"] if args.map_reads else [])]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
                              preexec_fn=cgroup.join if cgroup else None)
     last, deadline = 0, time.monotonic() + args.timeout
@@ -147,11 +150,13 @@ def main(argv=None) -> None:
     parser.add_argument("--orders", nargs="+", default=list(ORDERS), choices=ORDERS)
     parser.add_argument("--dir", default=None, help="where the entries are written (removed after)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--map-reads", action="store_true",
+                        help="windowed epochs gather rows from the memory map (the reads before the window reader)")
     parser.add_argument("--epoch", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--order", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.epoch:
-        print(json.dumps(epoch(args.epoch, args.order, args.classes, 256)))
+        print(json.dumps(epoch(args.epoch, args.order, args.classes, 256, args.map_reads)))
         return
     results = []
     for size in args.sizes:

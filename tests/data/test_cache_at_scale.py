@@ -19,7 +19,9 @@ from finetune.data.features.cached import MappedRows
 from finetune.data.storage.epoch_order import WindowedIndexBatchSampler, cgroup_memory_limit, choose_window
 from finetune.data.features.cache import FeatureCache
 from finetune.data.sources.file_listing import SAMPLED_FILES, sampled_positions
-from finetune.data.storage.shard_store import Column, Store
+from finetune.data.storage import shard_store
+from finetune.data.storage.shard_store import Column, MappedEntry, Store
+from finetune.data.storage.window_reader import WindowReader
 from finetune.errors import ConfigError
 from tests.conftest import compose_config, fit, make_image_folder
 from tests.data.test_image_store import image_run
@@ -237,6 +239,8 @@ def test_auto_shuffles_an_entry_that_fits_and_windows_one_that_does_not():
     block_rows, blocks = choose_window("auto", 10 * gib, 2_000_000, None, headroom_bytes=8 * gib)
     row_bytes = 10 * gib // 2_000_000
     assert block_rows * row_bytes <= 4 * 2**20 and 3 * gib < blocks * block_rows * row_bytes <= 4 * gib
+    # the ranks of a node each hold a window in RAM: they share the headroom
+    assert choose_window("auto", 10 * gib, 2_000_000, None, headroom_bytes=8 * gib, processes=4)[1] == blocks // 4
     block_rows, blocks = choose_window("window", 1 * gib, 200_000, 256 * 2**20, headroom_bytes=8 * gib)
     assert 128 * 2**20 < blocks * block_rows * (gib // 200_000) <= 256 * 2**20
     assert choose_window("shuffle", 10 * gib, 2_000_000, None, headroom_bytes=gib) is None
@@ -266,6 +270,100 @@ def test_strategy_cached_trains_in_the_windowed_order_and_refuses_an_unknown_one
     trainer, _, datamodule = fit(tiny("strategy=cached", "strategy.epoch_order=window", "strategy.window_bytes=4096",
                                       "trainer.max_epochs=1"))
     assert trainer.global_step > 0 and "in a windowed order" in caplog.text
-    assert isinstance(datamodule.train_dataloader().sampler, WindowedIndexBatchSampler)
+    loader = datamodule.train_dataloader()
+    assert isinstance(loader.sampler, WindowedIndexBatchSampler)
+    assert loader.dataset.window_reader.sampler is loader.sampler  # its windows are read into RAM, not faulted in
     with pytest.raises(ConfigError, match="strategy.epoch_order='random'; choose one of: auto, shuffle, window"):
         build(tiny("strategy=cached", "strategy.epoch_order=random"))
+
+
+# -- a windowed epoch read into RAM a window at a time -------------------------------------------------------------
+def random_entry(folder: Path, rows: int = 1013, rows_per_shard: int = 97):
+    """Random features (so equal rows prove equal bytes) in shards whose edges fall inside the 25-row blocks."""
+    entry = Store(folder).entry("1" * 24)
+    entry.create({}, rows, rows_per_shard, {"features": Column("float32", (8,)), "labels": Column("int64", ())})
+    generator = np.random.default_rng(0)
+    for shard in range(entry.num_shards):
+        start, stop = entry.shard_range(shard)
+        entry.write_shard(shard, {"features": generator.standard_normal((stop - start, 8), dtype=np.float32),
+                                  "labels": generator.integers(0, 10, stop - start)})
+    assert entry.finish()
+    return entry.open()
+
+
+def recorded_reads(monkeypatch) -> list:
+    """Every file read of the window reader, (path, offset, bytes, page cache dropped), and 'window k' markers."""
+    events, real_read, real_load = [], shard_store.read_file_range, WindowReader._load
+
+    def read(path, offset, into, drop_page_cache=False):
+        events.append((path.name, offset, len(into), drop_page_cache))
+        real_read(path, offset, into, drop_page_cache)
+
+    def load(self, window):
+        events.append(f"window {window}")
+        real_load(self, window)
+
+    monkeypatch.setattr(shard_store, "read_file_range", read)
+    monkeypatch.setattr(WindowReader, "_load", load)
+    return events
+
+
+def test_a_window_is_read_once_with_plain_reads_of_exactly_its_blocks(tmp_path, monkeypatch):
+    """1,013 rows (40 blocks of 25 and one of 13; 97-row shards), 4 blocks a window: each window's reads (unit:
+    bytes) are its blocks' bytes of both columns, each window is read once and in turn, every byte of every file once
+    over the epoch, none through the map; one process drops the pages it read from the page cache."""
+    entry = random_entry(tmp_path)
+    events = recorded_reads(monkeypatch)
+    monkeypatch.setattr(MappedEntry, "gather", lambda *a, **k: pytest.fail("a row was gathered from the map"))
+    sampler = windowed(1013, 4, batch_size=20)
+    for _ in IndexBatchLoader(MappedRows(entry).read_by_window(sampler), sampler):
+        pass
+    windows = sampler.windows()
+    assert [e for e in events if isinstance(e, str)] == [f"window {k}" for k in range(len(windows))]
+    per_window, row_bytes = [], 8 * 4 + 8
+    for event in events:
+        if isinstance(event, str):
+            per_window.append(0)
+        else:
+            per_window[-1] += event[2]
+    assert per_window == [sum(min(25, 1013 - 25 * int(b)) for b in blocks) * row_bytes for blocks in windows]
+    for name in {e[0] for e in events if not isinstance(e, str)}:
+        ranges = sorted((e[1], e[1] + e[2]) for e in events if not isinstance(e, str) and e[0] == name)
+        assert all(stop == start for (_, stop), (start, _) in zip(ranges, ranges[1:]))  # no byte twice, no gap
+        assert ranges[-1][1] == (tmp_path / ("1" * 24) / name).stat().st_size
+    assert all(e[3] for e in events if not isinstance(e, str))
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_the_window_reader_serves_the_mapped_rows_of_every_batch_bitwise(tmp_path, world):
+    """Every batch of every rank (3 ranks: padding rows from the first window, served from the map at the end),
+    over two epochs, equals the rows gathered from the map for the same indices, bit for bit."""
+    entry = random_entry(tmp_path)
+    for rank in range(world):
+        sampler = windowed(1013, 0, world=world, rank=rank, batch_size=20)
+        rows, mapped = MappedRows(entry).read_by_window(sampler), MappedRows(entry)
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            for index in sampler.batches():
+                for served, expected in zip(rows[index], mapped[index]):
+                    assert served.dtype == expected.dtype
+                    assert torch.equal(served.view(torch.uint8), expected.view(torch.uint8))
+        assert rows.window_reader.drop_page_cache == (world == 1)  # ranks of a node share the page cache
+
+
+def test_a_resumed_epoch_read_by_window_serves_the_batches_left_and_reads_from_the_window_it_resumes_in(
+        tmp_path, monkeypatch):
+    entry = random_entry(tmp_path)
+
+    def batches(done: int):
+        trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+            batch_progress=SimpleNamespace(current=SimpleNamespace(ready=done)))))
+        sampler = windowed(1013, 5, batch_size=20)
+        return list(IndexBatchLoader(MappedRows(entry).read_by_window(sampler), sampler, trainer))
+
+    whole = batches(0)
+    events = recorded_reads(monkeypatch)
+    resumed = batches(23)  # row 460 on: the fifth window of this seed's epoch
+    assert len(resumed) == len(whole) - 23
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole[23:], resumed))
+    assert [e for e in events if isinstance(e, str)][0] == "window 4"

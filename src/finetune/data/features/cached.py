@@ -19,6 +19,7 @@ from finetune.data.features.cache import FeatureCache
 from finetune.data.features.extraction import FeatureExtraction
 from finetune.data.features.identity import feature_identity
 from finetune.data.storage.shard_store import MappedEntry, human_bytes
+from finetune.data.storage.window_reader import WindowReader
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,20 @@ class MappedRows:
 
     def __init__(self, entry: MappedEntry, pin_memory: bool = False):
         self.entry, self.pin_memory = entry, pin_memory
+        self.window_reader: WindowReader | None = None
 
     def __len__(self) -> int:
         return len(self.entry)
 
+    def read_by_window(self, sampler: WindowedIndexBatchSampler) -> "MappedRows":
+        """Serve `sampler`'s windowed epoch from RAM, each window's blocks read once (WindowReader)."""
+        # ranks of a node read the same windows: leave them the page cache to share
+        self.window_reader = WindowReader(self.entry, sampler, ("features", "labels"), sampler.world == 1)
+        return self
+
     def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.window_reader is not None:
+            return self.window_reader.gather(indices, self.pin_memory)
         return (self.entry.gather("features", indices, self.pin_memory),
                 self.entry.gather("labels", indices, self.pin_memory))
 
@@ -141,14 +151,16 @@ class CachedFeatureDataModule(SplitLoaders):
             on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
             entry = self.splits[split]
             dataset = MappedRows(entry, pin_memory=on_gpu)
-            window = choose_window(self.epoch_order, entry.nbytes, len(entry), self.window_bytes) if shuffle else None
+            ranks_here = self.trainer.num_devices if self.trainer is not None else 1
+            window = (choose_window(self.epoch_order, entry.nbytes, len(entry), self.window_bytes,
+                                    processes=ranks_here) if shuffle else None)
             if window is not None:  # larger than the job's memory: read it about once, a window of blocks at a time
                 log.info("%s features (%s) from the map in a windowed order: blocks of %d rows, %d blocks a window "
                          "(strategy.epoch_order=%s)", split, human_bytes(entry.nbytes), *window, self.epoch_order)
                 world, rank = world_and_rank(self.trainer)
                 sampler = WindowedIndexBatchSampler(len(dataset), batch_size, drop_last, world, rank, self.images.seed,
                                                     *window)
-                return IndexBatchLoader(dataset, sampler, self.trainer)
+                return IndexBatchLoader(dataset.read_by_window(sampler), sampler, self.trainer)
         return index_batch_loader(dataset, batch_size, shuffle, drop_last, self.trainer, self.images.seed)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

@@ -77,25 +77,31 @@ def check_epoch_order(epoch_order: str) -> str:
 
 
 def choose_window(epoch_order: str, entry_bytes: int, rows: int, window_bytes: int | None,
-                  headroom_bytes: int | None = None) -> tuple[int, int] | None:
+                  headroom_bytes: int | None = None, processes: int = 1) -> tuple[int, int] | None:
     """(block_rows, window_blocks) for a windowed epoch, or None for a full shuffle. `auto` shuffles fully when the
-    entry fits in half the job's memory headroom, else windows half of it (or `window_bytes`)."""
+    entry fits in half the job's memory headroom, else windows half of it (or `window_bytes`), shared by the
+    `processes` of the node that each hold a window in RAM (its ranks)."""
     check_epoch_order(epoch_order)
     headroom_bytes = headroom_bytes or memory_headroom_bytes()
     if epoch_order == "shuffle" or (epoch_order == "auto" and entry_bytes <= HEADROOM_SHARE * headroom_bytes):
         return None
     row_bytes = max(entry_bytes // max(rows, 1), 1)
     block_rows = max(1, BLOCK_BYTES // row_bytes)
-    window = window_bytes or int(HEADROOM_SHARE * max(headroom_bytes, 0))
+    window = window_bytes or int(HEADROOM_SHARE * max(headroom_bytes, 0) / max(processes, 1))
     return block_rows, max(1, window // (block_rows * row_bytes))
+
+
+def block_order(rows: int, block_rows: int, generator: torch.Generator) -> torch.Tensor:
+    """The order in which an epoch visits the blocks (block b: rows [b * block_rows, (b + 1) * block_rows)): the
+    generator's first draw, so a reader can know an epoch's windows without drawing its rows."""
+    return torch.randperm(math.ceil(rows / block_rows), generator=generator)
 
 
 def windowed_order(rows: int, block_rows: int, window_blocks: int, generator: torch.Generator) -> torch.Tensor:
     """Every row once: blocks of `block_rows` consecutive rows in a random order, `window_blocks` at a time, the
     rows of each window in a random order."""
-    blocks = math.ceil(rows / block_rows)
-    block_order = torch.randperm(blocks, generator=generator)
-    starts = block_order * block_rows
+    visited = block_order(rows, block_rows, generator)
+    starts = visited * block_rows
     # the rows of the blocks in block order: block b contributes rows [b*block_rows, min((b+1)*block_rows, rows))
     lengths = torch.clamp(rows - starts, max=block_rows)
     in_order = torch.repeat_interleave(starts, lengths) + (
@@ -121,5 +127,11 @@ class WindowedIndexBatchSampler(IndexBatchSampler):
         self.block_rows, self.window_blocks = block_rows, window_blocks
 
     def epoch_order(self) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return windowed_order(self.length, self.block_rows, self.window_blocks, generator)
+        return windowed_order(self.length, self.block_rows, self.window_blocks, self.generator())
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + self.epoch)
+
+    def windows(self) -> list[torch.Tensor]:
+        """This epoch's windows, in the order they are served: the blocks each one holds."""
+        return list(block_order(self.length, self.block_rows, self.generator()).split(self.window_blocks))

@@ -4,6 +4,7 @@ temporaries killed writers left behind."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import mmap
@@ -193,3 +194,19 @@ def map_npy(path: Path) -> np.ndarray:
         raise ValueError(f"{path} is Fortran-ordered; the store writes C order")
     count = int(np.prod(shape, dtype=np.int64))
     return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def read_file_range(path: Path, offset: int, into: np.ndarray, drop_page_cache: bool = False) -> None:
+    """Fill `into` (bytes) from `path` at `offset`: sequential reads, which the kernel reads ahead in large requests."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view, done = memoryview(into), 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(errno.EIO, f"{path} ends at byte {offset + done}, {len(view) - done} bytes early")
+            done += got
+        if drop_page_cache:
+            os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

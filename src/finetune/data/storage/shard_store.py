@@ -32,7 +32,8 @@ from finetune.data.storage.shard_checks import EntryChecks
 from finetune.data.storage.shard_files import (EDGE_BYTES, FORMAT_VERSION, KEY_LENGTH, KEY_PATTERN, SHARD_BYTES,  # noqa: F401
                                                STORAGE, TORCH_VIEW, Column, HashingWriter, StoreWriteError,
                                                default_rows_per_shard, edge_sha256, file_sha256, fsync_folder,
-                                               human_bytes, map_npy, stale_temporaries, write_atomically, write_npy)
+                                               human_bytes, map_npy, read_file_range, stale_temporaries, write_atomically,
+                                               write_npy)
 from finetune.data.storage.shard_writing import EntryWriting
 
 log = logging.getLogger(__name__)
@@ -151,9 +152,11 @@ class MappedEntry:
         self.columns = entry.columns
         records = entry.records()
         self.shards: dict[int, dict[str, torch.Tensor]] = {}
+        self.paths: dict[int, dict[str, Path]] = {}
         for shard in range(entry.num_shards) if shards is None else shards:
-            self.shards[shard] = {name: column.to_torch(map_npy(entry.folder / records[shard]["files"][name]["file"]))
-                                  for name, column in self.columns.items()}
+            self.paths[shard] = {name: entry.folder / records[shard]["files"][name]["file"] for name in self.columns}
+            self.shards[shard] = {name: self.columns[name].to_torch(map_npy(path))
+                                  for name, path in self.paths[shard].items()}
 
     def __len__(self) -> int:
         return self.rows
@@ -174,6 +177,22 @@ class MappedEntry:
             where = (shard_of == shard).nonzero().squeeze(1)
             out[where] = self.shards[shard][name].index_select(0, local[where])
         return out
+
+    def read_rows(self, name: str, start: int, out: torch.Tensor, drop_page_cache: bool = False) -> None:
+        """Rows start..start + len(out) of a column into `out` (contiguous) with plain sequential reads of the
+        shard files, not through the maps; with `drop_page_cache` the kernel is told to drop the pages read, so the
+        bytes are held once (in `out`), not also in the page cache."""
+        row_bytes = self.columns[name].row_bytes
+        done = 0
+        while done < len(out):
+            shard, local = divmod(start + done, self.rows_per_shard)
+            count = min(len(out) - done, self.rows_per_shard - local)
+            path, tensor = self.paths[shard][name], self.shards[shard][name]
+            # .npy data runs from its header to the end of the file
+            offset = path.stat().st_size - tensor.numel() * tensor.element_size() + local * row_bytes
+            read_file_range(path, offset, out[done:done + count].reshape(-1).view(torch.uint8).numpy(),
+                            drop_page_cache)
+            done += count
 
     def column(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """A whole column in one tensor on `device`, filled a shard at a time (for entries that fit there)."""
