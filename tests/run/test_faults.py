@@ -324,6 +324,9 @@ def test_one_drop_last_rule_for_in_memory_data_image_files_and_the_store(tmp_pat
                "files": ImageFolderDataModule(root=str(root), **common),
                "store": ImageFolderDataModule(root=str(root), store=True, store_dir=str(tmp_path / "store"), **common)}
     expected = {1: 1, 4: 1}[world]  # 6 samples: one batch of 4 (the rest dropped); on 4 ranks 2 each, kept
+    # the store built beforehand by one process: these pretend ranks have no process group to build it together
+    modules["store"].trainer = SimpleNamespace(world_size=1, global_rank=0, overfit_batches=0)
+    modules["store"].prepare_data()
     for name, datamodule in modules.items():
         for rank in range(world):
             datamodule.trainer = SimpleNamespace(world_size=world, global_rank=rank, overfit_batches=0)

@@ -203,7 +203,7 @@ def test_two_worker_processes_on_one_journal_file_finish_exactly_n_trials(tmp_pa
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
     ran = [p.parent.name for p in tmp_path.glob("w*/*/metrics.json")]  # a run folder is named after its trial
     assert len(ran) == 5 and len(set(ran)) == 5, "each trial ran once, in one of the workers"
-    assert {p.parent.name for p in tmp_path.glob("w*/*/metrics.json")} == {"w0", "w1"}, "both workers ran trials"
+    assert {p.parent.parent.name for p in tmp_path.glob("w*/*/metrics.json")} == {"w0", "w1"}, "both workers ran trials"
 
 
 @pytest.mark.slow
