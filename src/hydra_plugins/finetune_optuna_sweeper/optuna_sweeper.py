@@ -150,19 +150,6 @@ def storage_location(storage: Optional[str], sweep_dir: Path) -> str:
     return storage if "://" in storage else str(path)
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child its parent has not reaped yet is a zombie: dead
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def counts_toward_n_trials(trial) -> bool:
     """Finished trials that count: complete, pruned, or failed by their job (not a dead worker's, not a surplus)."""
     from optuna.trial import TrialState
@@ -435,6 +422,8 @@ class OptunaSweeper(Sweeper):
         """Fail the RUNNING trials whose worker is dead (its process gone on this host, or silent for
         grace_period seconds) and enqueue their parameters, so the study asks them again."""
         import optuna
+
+        from finetune.run.processes import process_alive
 
         storage, now, host = self.study._storage, time.time(), socket.gethostname()
         for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):

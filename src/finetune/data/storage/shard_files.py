@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from finetune.errors import ConfigError
+from finetune.run.processes import process_alive
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 3
@@ -89,16 +90,6 @@ def writer_tag() -> str:
 # `.<final name>.<host>-<pid>.<random>.tmp`: who wrote a temporary, so a later process can tell a dead writer's
 TEMPORARY_PATTERN = re.compile(r"\.(?P<target>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[^.]+\.tmp")
 STALE_SECONDS = 3600  # a temporary of another host untouched this long has no live writer (a shard takes seconds)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def stale_temporaries(folder: Path) -> list[Path]:
