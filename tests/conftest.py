@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 
 from finetune.config import CONFIG_DIR
 from finetune.build import build, instantiate_all
+from finetune.train import finish_tracker_runs
 
 TESTS_DIR = Path(__file__).resolve().parent
 # A tiny timm model (99k parameters, BatchNorm, 5 blocks) at 32 px on 64 fake images keeps each fit under a second.
@@ -53,6 +54,8 @@ def fit(cfg, *, test: bool = False, callbacks: tuple = ()):
     trainer.fit(module, datamodule=datamodule)
     if test:
         trainer.test(module, datamodule=datamodule, verbose=False)
+    # as train() does: an open W&B run would take the next test's WandbLogger (wandb.init returns the open run)
+    finish_tracker_runs(trainer.loggers)
     return trainer, module, datamodule
 
 
