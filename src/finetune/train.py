@@ -82,7 +82,10 @@ def _train(cfg: DictConfig, drew_seed: bool = False) -> dict:
         with ddp_ranks_join_this_job(trainer):
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
             last_val = trainer.callback_metrics.get("val/acc")
-            tested = trainer.test(module, datamodule=datamodule, ckpt_path=_best_or_current(trainer), verbose=False)
+            tested = None
+            if cfg.get("test", True):  # test=false: fit only (a tuning trial: the test split stays unread)
+                tested = trainer.test(module, datamodule=datamodule, ckpt_path=_best_or_current(trainer),
+                                      verbose=False)
             predictions = module.test_prediction_rows() if tested else None  # every rank: it gathers
     finally:
         finish_tracker_runs(trainer.loggers)
@@ -95,7 +98,8 @@ def _train(cfg: DictConfig, drew_seed: bool = False) -> dict:
             metrics.update(write_predictions(predictions, output_dir, getattr(datamodule, "images", datamodule)))
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         val = float("nan") if metrics["best_val_acc"] is None else metrics["best_val_acc"]
-        print(f"test accuracy {metrics['test_acc']:.4f} (best val {val:.4f}, "
+        tested_line = f"test accuracy {metrics['test_acc']:.4f}" if metrics["tested"] else "not tested (test=false)"
+        print(f"{tested_line} (best val {val:.4f}, "
               f"strategy={metrics['strategy']}, {metrics['fit_seconds']:.1f}s fit)\nrun directory: {output_dir}")
     return metrics
 
@@ -148,6 +152,7 @@ def _run_metrics(cfg, trainer, module, datamodule, tested: dict, last_val) -> di
         "monitor": getattr(checkpoint, "monitor", None),
         "best_score": float(checkpoint.best_model_score) if getattr(checkpoint, "best_model_score", None) is not None
         else None,
+        "tested": bool(cfg.get("test", True)),
         "test_acc": float(tested.get("test/acc", float("nan"))),
         "test_loss": float(tested.get("test/loss", float("nan"))),
         "fit_seconds": round(meter.fit_seconds, 3),
@@ -199,6 +204,9 @@ def objective(cfg: DictConfig, metrics: dict | None = None) -> float | None:
     name = cfg.get("optimized_metric") or "val/acc"
     if name not in OPTIMIZABLE:
         raise ConfigError(f"optimized_metric={name!r}; choose one of: {', '.join(OPTIMIZABLE)}")
+    if name.startswith("test/") and not cfg.get("test", True):
+        raise ConfigError(f"optimized_metric={name} needs the test split, which test=false leaves unread; choose "
+                          f"val/acc or val/loss")
     value = metrics.get(OPTIMIZABLE[name]) if metrics is not None else None
     return float(value) if value is not None and math.isfinite(value) else None
 

@@ -11,6 +11,7 @@ report from a finished sweep or comparison.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from finetune.compare import tune
 from finetune.compare.decide import BEST_VAL, DEFAULT_MARGIN_POINTS
 from finetune.config import CONFIG_DIR, config_dir_flags
 from finetune.run.failures import report_user_errors
@@ -85,24 +87,91 @@ def split_seeds(cfg: DictConfig, splits: int) -> list[int]:
     return [first + k for k in range(splits)]
 
 
-def sweep_command(strategies: list[str], seeds: list[int], cfg: DictConfig, output_dir: Path,
-                  splits: list[int] | None = None) -> list[str]:
-    """The `finetune-train -m` sweep of strategies x seeds (x data.split_seed when `splits` has more than one): the
-    user's overrides for every run, the launcher chosen for this compare (hydra/launcher=..., hydra.launcher.*), each
-    run in <output_dir>/<strategy>_seed<seed> (<strategy>_split<k>_seed<seed>)."""
+def train_command(cfg: DictConfig, drop: tuple[str, ...] = (), several_splits: bool = False) -> list[str]:
+    """`finetune-train -m` with the user's overrides (less `drop`ped keys: those the tuning sets) and the launcher
+    chosen for this compare (hydra/launcher=..., hydra.launcher.*)."""
     hydra_cfg = HydraConfig.get()
-    several = splits is not None and len(splits) > 1
-    own = OWN_KEYS + (("data.split_seed=",) if several else ())
+    own = OWN_KEYS + (("data.split_seed=",) if several_splits else ()) + tuple(f"{key}=" for key in drop)
     task = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(own)]
     launcher = hydra_cfg.runtime.choices.get("hydra/launcher", "local_processes")
     passed = [o for o in hydra_cfg.overrides.hydra if o.startswith(("hydra.launcher.", "hydra.searchpath"))]
     if launcher == "local_processes" and not any(o.startswith("hydra.launcher.jobs=") for o in passed):
         passed.append(f"hydra.launcher.jobs={int(cfg.compare.get('jobs', 1))}")
+    return [sys.executable, "-m", "finetune.train", *config_dir_flags(hydra_cfg), "-m", *task,
+            f"hydra/launcher={launcher}", *passed]
+
+
+def sweep_command(strategies: list[str], seeds: list[int], cfg: DictConfig, output_dir: Path,
+                  splits: list[int] | None = None, tuned: list[str] | None = None) -> list[str]:
+    """The `finetune-train -m` sweep of strategies x seeds (x data.split_seed when `splits` has more than one): the
+    user's overrides for every run (with `tuned`, the overrides a tuning chose, in place of the user's for those
+    keys), each run in <output_dir>/<strategy>_seed<seed> (<strategy>_split<k>_seed<seed>)."""
+    several = splits is not None and len(splits) > 1
+    tuned = list(tuned or [])
     split_sweep = [f"data.split_seed={','.join(str(k) for k in splits)}"] if several else []
-    return [sys.executable, "-m", "finetune.train", *config_dir_flags(hydra_cfg), "-m",
-            f"strategy={','.join(strategies)}", f"seed={','.join(str(s) for s in seeds)}", *split_sweep, *task,
-            f"hydra/launcher={launcher}", *passed, f"hydra.sweep.dir={output_dir}",
-            f"hydra.sweep.subdir={SPLIT_RUN_FOLDER if several else RUN_FOLDER}"]
+    return [*train_command(cfg, tuple(o.split("=", 1)[0] for o in tuned), several),
+            f"strategy={','.join(strategies)}", f"seed={','.join(str(s) for s in seeds)}", *split_sweep, *tuned,
+            f"hydra.sweep.dir={output_dir}", f"hydra.sweep.subdir={SPLIT_RUN_FOLDER if several else RUN_FOLDER}"]
+
+
+def strategy_config(strategy: str) -> DictConfig:
+    """The train config one strategy's runs compose: the user's overrides and config folders, strategy=`strategy`."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    hydra_cfg = HydraConfig.get()
+    task = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(("strategy=", "from="))]
+    cfg = GlobalHydra.instance().config_loader().load_configuration(
+        config_name=hydra_cfg.job.config_name, overrides=[*hydra_cfg.overrides.hydra, *task, f"strategy={strategy}"],
+        run_mode=RunMode.RUN)
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def cached_config_for(strategy_cfg: DictConfig) -> DictConfig:
+    """strategy=cached with the same backbone, data and feature settings as `strategy_cfg` (lp_ft's probe): the
+    head grid's features are the entry that strategy's runs read."""
+    from omegaconf import open_dict
+
+    cfg = strategy_config("cached")
+    with open_dict(cfg):
+        for key in ("cache_dir", "feature_dtype", "shard_rows", "extract_batch_size"):
+            if key in strategy_cfg.strategy:
+                cfg.strategy[key] = strategy_cfg.strategy[key]
+    return cfg
+
+
+def tune_all(strategies: list[str], cfg: DictConfig, budget: tune.Budget, output_dir: Path) -> dict[str, dict]:
+    """Every strategy's tuning.json; every search space checked before the first trial runs."""
+    if importlib.util.find_spec("optuna") is None:
+        raise ConfigError(f"compare.tune.trials={budget.trials} tunes through Optuna, which is not installed: pip "
+                          f"install 'finetune[search]' (or compare.tune.trials=0: every strategy as configured)")
+    configs = {s: strategy_config(s) for s in strategies}
+    plans = {s: tune.plan_of(s, configs[s]) for s in strategies}
+    jobs = int(cfg.compare.get("jobs", 1))
+    records = {}
+    for strategy, plan in plans.items():
+        if plan.method == "untuned":
+            records[strategy] = tune.untuned_record(strategy, budget, output_dir)
+            continue
+        cached = None
+        if plan.grid_keys:
+            cached = configs[strategy] if strategy_is_cached(configs[strategy]) else cached_config_for(configs[strategy])
+        base = train_command(cfg, tuple(plan.space))
+        records[strategy] = tune.tune_strategy(plan, configs[strategy], cached, budget, base, output_dir, jobs,
+                                               run=lambda command: run_sweep(command))
+        print(tune.describe(records[strategy]), flush=True)
+    return records
+
+
+def strategy_is_cached(cfg: DictConfig) -> bool:
+    from hydra.utils import get_class
+
+    from finetune.strategies import CachedFeatures
+
+    return issubclass(get_class(cfg.strategy._target_), CachedFeatures)
 
 
 def run_sweep(command: list[str]) -> int:
@@ -142,19 +211,28 @@ def main(cfg: DictConfig) -> None:
         seeds = checked_seeds(cfg.compare.seeds)
         checked_reference(statistics["reference"], strategies)
         splits = split_seeds(cfg, statistics["splits"])
-        run_sweep(sweep_command(strategies, seeds, cfg, output_dir, splits))
+        budget = tune.checked_budget(cfg.compare.get("tune"), seeds)
+        tunings = tune_all(strategies, cfg, budget, output_dir) if budget.trials else {}
+        as_configured = [s for s in strategies if not tunings.get(s, {}).get("overrides")]
+        if as_configured:
+            run_sweep(sweep_command(as_configured, seeds, cfg, output_dir, splits))
+        for strategy in strategies:  # each tuned strategy's test runs at its own chosen configuration
+            if strategy not in as_configured:
+                run_sweep(sweep_command([strategy], seeds, cfg, output_dir, splits, tunings[strategy]["overrides"]))
         rows = collect_runs(output_dir)
         if not succeeded(rows):
             raise ConfigError(f"every run failed; see the train.log files under {output_dir}")
         expected = [f"{s}_seed{seed}" if len(splits) == 1 else f"{s}_split{k}_seed{seed}"
                     for s in strategies for k in splits for seed in seeds]
-    paths, summary = write_report(rows, output_dir, title=cfg.compare.title, **statistics_of_report(statistics))
+    tunings = tune.read_tunings(source or output_dir)  # {} for a sweep, an untuned or an older comparison
+    paths, summary = write_report(rows, output_dir, title=cfg.compare.title, tunings=tunings,
+                                  **statistics_of_report(statistics))
     print(format_text(summary))
     reported = {Path(r["run_dir"]).name for r in rows}
     unreported = [name for name in expected if name not in reported]
     if unreported:  # died without writing failure.json (killed, out of memory)
         print(f"failed: {', '.join(unreported)} (see their train.log)")
-    print(f"report: {paths['md']}, {paths['csv']}, {paths['png']}, {paths['per_class']}")
+    print(f"report: {', '.join(str(paths[k]) for k in ('md', 'csv', 'png', 'per_class', 'tuning') if k in paths)}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ docs/comparison-statistics.md; this module reads the runs, pairs them and applie
   (from the reference down to the cheapest, then upwards), stopping at the first not shown; "different" when the
   interval excludes 0; else "undecided", with the smallest difference the design could detect.
 - Cost: mean fit time, plus one feature extraction charged to every strategy that reads the feature cache (whichever
-  run paid it); and trainable parameters.
+  run paid it), plus the strategy's tuning (compare.tune: the training time its trials took); and trainable
+  parameters.
 """
 
 from __future__ import annotations
@@ -117,9 +118,10 @@ def test_order(cost: dict[str, float], reference: str) -> list[str]:
 
 
 def decide(runs: list[dict], margin_points: float = DEFAULT_MARGIN_POINTS, reference: str = BEST_VAL,
-           alpha: float = 0.05) -> dict:
+           alpha: float = 0.05, tuning_seconds: dict[str, float] | None = None) -> dict:
     """Per strategy (accuracy and interval, difference to the reference and its interval, verdict, cost) and the
-    recommendation lines."""
+    recommendation lines. `tuning_seconds`: what each strategy's tuning cost (compare.tune); the cost that orders
+    the tests and picks the recommendation counts it."""
     if not runs:
         return {"strategies": {}, "lines": ["no run finished: nothing to compare"]}
     check_runs(runs)
@@ -128,8 +130,10 @@ def decide(runs: list[dict], margin_points: float = DEFAULT_MARGIN_POINTS, refer
     for run in runs:
         runs_of.setdefault(run["strategy"], []).append(run)
     charge = extraction_charge(runs)
-    cost = {s: float(np.mean([float(r.get("fit_seconds") or 0.0) for r in group]))
-            + (charge if any("extract_seconds" in r for r in group) else 0.0) for s, group in runs_of.items()}
+    fit_cost = {s: float(np.mean([float(r.get("fit_seconds") or 0.0) for r in group]))
+                + (charge if any("extract_seconds" in r for r in group) else 0.0) for s, group in runs_of.items()}
+    tuned = tuning_seconds or {}
+    cost = {s: fit_cost[s] + float(tuned.get(s, 0.0)) for s in fit_cost}
     best = choose_reference(runs_of, reference, cost)
     level, margin = 1 - alpha, margin_points / 100
     stats: dict[str, dict] = {}
@@ -140,7 +144,8 @@ def decide(runs: list[dict], margin_points: float = DEFAULT_MARGIN_POINTS, refer
         stats[strategy] = {"test_acc_mean": float(accuracy.estimate), "ci_low": float(accuracy.low),
                            "ci_high": float(accuracy.high), "seed_sd": float(accuracy.seed_sd),
                            "seeds": len({r.get("seed") for r in group}), "splits": len(splits), "runs": len(group),
-                           "fit_cost_seconds": cost[strategy], "trainable_params": group[0]["trainable_params"],
+                           "fit_cost_seconds": fit_cost[strategy], "tuning_seconds": float(tuned.get(strategy, 0.0)),
+                           "cost_seconds": cost[strategy], "trainable_params": group[0]["trainable_params"],
                            "best_val_mean": float(np.mean([r.get("best_val_acc") or np.nan for r in group]))}
         if strategy == best:
             stats[strategy].update(verdict="reference", diff=0.0)
@@ -174,7 +179,7 @@ def decide(runs: list[dict], margin_points: float = DEFAULT_MARGIN_POINTS, refer
     by_params = min(candidates, key=lambda s: (stats[s]["trainable_params"], cost[s], s))
     return {"strategies": stats, "best": best, "reference": best, "reference_rule": reference, "alpha": alpha,
             "margin_points": margin_points, "order": order, "by_time": by_time, "by_params": by_params,
-            "extraction_seconds": charge,
+            "extraction_seconds": charge, "tuned": bool(tuned),
             "lines": recommendation_lines(stats, best, reference, by_time, by_params, margin_points, alpha),
             "per_class": per_class_accuracy(loaded)}
 
@@ -207,8 +212,10 @@ def recommendation_lines(stats: dict, best: str, reference_rule: str, by_time: s
             continue
         ratios = []
         if "fit time" in kind:
-            ratios.append(f"{stats[choice]['fit_cost_seconds'] / max(stats[best]['fit_cost_seconds'], 1e-9):.0%} of "
-                          f"its fit time")
+            fit = stats[choice]["fit_cost_seconds"] / max(stats[best]["fit_cost_seconds"], 1e-9)
+            total = stats[choice]["cost_seconds"] / max(stats[best]["cost_seconds"], 1e-9)
+            ratios.append(f"{fit:.0%} of its fit time" if not any(stats[x]["tuning_seconds"] for x in stats) else
+                          f"{total:.0%} of its cost with tuning ({fit:.0%} of its fit time without)")
         if "parameters" in kind:
             ratios.append(f"{stats[choice]['trainable_params'] / max(stats[best]['trainable_params'], 1):.1%} of its "
                           f"trainable parameters")

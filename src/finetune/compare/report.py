@@ -8,6 +8,7 @@ from pathlib import Path
 
 from finetune.run import folders
 from finetune.compare.decide import BEST_VAL, DEFAULT_MARGIN_POINTS, decide
+from finetune.compare.tune import shown, tuning_seconds
 
 COLUMNS = [  # (key of a strategy's row: metrics.json's, averaged over seeds, or decide's; column header, format)
     ("strategy", "strategy", "{}"),
@@ -20,6 +21,9 @@ COLUMNS = [  # (key of a strategy's row: metrics.json's, averaged over seeds, or
     ("seeds", "seeds", "{}"),
     ("splits", "splits", "{}"),
     ("cost_seconds", "cost s (fit + extraction)", "{:.1f}"),
+    ("tuning_seconds", "tuning s", "{:.1f}"),
+    ("cost_with_tuning_seconds", "cost s with tuning", "{:.1f}"),
+    ("tuned", "tuned configuration", "{}"),
     ("best_val_acc", "best val acc", "{:.4f}"),
     ("fit_seconds", "fit s", "{:.1f}"),
     ("train_samples_per_second", "train samples/s", "{:,.0f}"),
@@ -78,6 +82,8 @@ def by_strategy(rows: list[dict], decision: dict | None = None) -> list[dict]:
                        ci_high=round(s["ci_high"], 6), test_acc_interval=f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]",
                        seed_sd_points=100 * s["seed_sd"], verdict=s["verdict"], splits=s["splits"],
                        seeds=s["seeds"], cost_seconds=s["fit_cost_seconds"])
+            if (decision or {}).get("tuned"):
+                row.update(tuning_seconds=s["tuning_seconds"], cost_with_tuning_seconds=s["cost_seconds"])
             if "diff_low" in s:
                 row.update(diff_points=round(100 * s["diff"], 4), diff_low_points=round(100 * s["diff_low"], 4),
                            diff_high_points=round(100 * s["diff_high"], 4), detectable_points=100 * s["detectable"],
@@ -106,12 +112,19 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def summarise(rows: list[dict], alpha: float = 0.05, margin_points: float = DEFAULT_MARGIN_POINTS,
-              reference: str = BEST_VAL) -> dict:
-    """The report's content: one row per strategy (means over seeds, intervals, verdict), the decision (reference,
-    recommendation lines) and the failed runs."""
-    decision = decide(succeeded(rows), margin_points, reference, alpha)
-    return {"strategies": by_strategy(rows, decision), "decision": decision, "failures": failure_lines(rows),
-            "runs": rows}
+              reference: str = BEST_VAL, tunings: dict[str, dict] | None = None) -> dict:
+    """The report's content: one row per strategy (means over seeds, intervals, verdict, tuning), the decision
+    (reference, recommendation lines), the failed runs and each strategy's tuning (tune.py's tuning.json)."""
+    tunings = tunings or {}
+    seconds = {strategy: tuning_seconds(record) for strategy, record in tunings.items()} if tunings else None
+    decision = decide(succeeded(rows), margin_points, reference, alpha, seconds)
+    strategies = by_strategy(rows, decision)
+    for row in strategies:
+        record = tunings.get(row["strategy"])
+        if record is not None:
+            row["tuned"] = shown(record.get("chosen") or {}) or "untuned"
+    return {"strategies": strategies, "decision": decision, "failures": failure_lines(rows), "runs": rows,
+            "tunings": tunings}
 
 
 def table_rows(strategies: list[dict]) -> list[list[str]]:
@@ -124,7 +137,67 @@ def format_markdown(summary: dict) -> str:
     lines += ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(summary["strategies"])]
     failures = summary["failures"]
-    return "\n".join(lines) + "\n" + ("\n" + "\n".join(f"- {line}" for line in failures) + "\n" if failures else "")
+    return ("\n".join(lines) + "\n" + ("\n" + "\n".join(f"- {line}" for line in failures) + "\n" if failures else "")
+            + tuning_markdown(summary.get("tunings") or {}))
+
+
+def tuning_markdown(tunings: dict[str, dict]) -> str:
+    """The report's tuning section: per strategy how it was tuned, what was chosen, what it cost."""
+    if not tunings:
+        return ""
+    first = next(iter(tunings.values()))
+    cap = f", at most {first['max_minutes']:g} minutes each" if first.get("max_minutes") else ""
+    lines = ["", "## Tuning (on val; the test split untouched until the runs above)", "",
+             f"Every strategy with a search_space tried {first['trials_budget']} configurations{cap} at seed "
+             f"{first.get('seed')} (not a test seed); the best val accuracy's configuration ran the seeded test "
+             f"runs. Figure: tuning.png.", "",
+             "| strategy | method | trials run | pruned | failed | best val acc | chosen | tuning wall s | "
+             "tuning training s |", "|---|---|---|---|---|---|---|---|---|"]
+    for strategy, r in tunings.items():
+        best = "-" if r.get("best_val_acc") is None else f"{r['best_val_acc']:.4f}"
+        chosen = f"`{shown(r['chosen'])}`" if r.get("chosen") else "untuned (no search_space)"
+        lines.append(f"| {strategy} | {r['method']} | {r['run']} | {r['pruned']} | {r['failed']} | {best} | "
+                     f"{chosen} | {r['wall_seconds']:.1f} | {r['device_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_tuning(tunings: dict[str, dict], path: Path) -> None:
+    """A small panel per tuned strategy: each trial's val accuracy (its best epoch; a pruned trial's last reported
+    epoch, hollow), the chosen one ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tuned = {s: r for s, r in tunings.items() if r.get("trials")}
+    if not tuned:
+        return
+    columns = min(len(tuned), 4)
+    rows = math.ceil(len(tuned) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.8 * rows), squeeze=False)
+    for axis, (strategy, record) in zip(axes.flat, tuned.items()):
+        trials = [t for t in record["trials"] if t.get("val_acc") is not None]
+        for state, style in (("COMPLETE", {"color": "tab:blue"}),
+                             ("PRUNED", {"facecolors": "none", "edgecolors": "tab:gray"})):
+            picked = [t for t in trials if t["state"] == state]
+            axis.scatter([t["number"] for t in picked], [100 * t["val_acc"] for t in picked], s=18,
+                         label=state.lower(), **style)
+        complete = [t for t in trials if t["state"] == "COMPLETE"]
+        if complete:
+            best = max(complete, key=lambda t: (t["val_acc"], -t["number"]))
+            axis.scatter([best["number"]], [100 * best["val_acc"]], s=90, facecolors="none", edgecolors="tab:red",
+                         label="chosen")
+        axis.set_title(f"{strategy} ({record['method']})", fontsize=9)
+        axis.set_xlabel("trial", fontsize=8)
+        axis.set_ylabel("val acc, %", fontsize=8)
+        axis.grid(True, alpha=0.3)
+        axis.tick_params(labelsize=7)
+    for axis in list(axes.flat)[len(tuned):]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def format_text(summary: dict) -> str:
@@ -243,12 +316,14 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
 def write_report(rows: list[dict], output_dir: str | Path, title: str = "strategy comparison",
                  alpha: float = 0.05, margin_points: float = DEFAULT_MARGIN_POINTS,
-                 reference: str = BEST_VAL) -> tuple[dict[str, Path], dict]:
-    """comparison.{csv,md,png} (a row per strategy), comparison_runs.csv (a row per run) and
-    comparison_per_class.csv in `output_dir`; returns their paths and the summary."""
+                 reference: str = BEST_VAL, tunings: dict[str, dict] | None = None) -> tuple[dict[str, Path], dict]:
+    """comparison.{csv,md,png} (a row per strategy), comparison_runs.csv (a row per run),
+    comparison_per_class.csv and, when the strategies were tuned, tuning.png in `output_dir`; returns their paths
+    and the summary."""
     if not succeeded(rows):
         raise ValueError(f"no runs with a metrics.json under {output_dir}")
-    summary = summarise(rows, alpha, margin_points, reference)  # refuses runs that cannot be paired before writing
+    # refuses runs that cannot be paired before writing
+    summary = summarise(rows, alpha, margin_points, reference, tunings)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: output_dir / f"comparison.{kind}" for kind in ("csv", "md", "png")}
@@ -274,4 +349,7 @@ def write_report(rows: list[dict], output_dir: str | Path, title: str = "strateg
               f"seeds {first.get('seed_list')}\n\n")
     paths["md"].write_text(header + format_markdown(summary))
     plot(summary, paths["png"], f"{title}: {first.get('backbone')} on {first.get('data')}")
+    if any(r.get("trials") for r in (tunings or {}).values()):
+        paths["tuning"] = output_dir / "tuning.png"
+        plot_tuning(tunings, paths["tuning"])
     return paths, summary

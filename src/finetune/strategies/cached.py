@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 
 class CachedFeatures(FreezingStrategy):
     name = "cached"
+    # finetune-compare's tuning tries these search_space keys with the head grid: every configuration's head at
+    # once, in one pass over the cached features (compare/head_grid.py), for trainer.max_epochs epochs
+    head_grid_keys = {"optimizer.lr": "lr", "optimizer.weight_decay": "weight_decay"}
+    head_grid_epochs_key = "trainer.max_epochs"
 
     def __init__(self, cache_dir: str = "feature_cache", feature_dtype: str = "float32",
                  extract_batch_size: int = 256, batch_size: int | None = None, device_max_bytes: int = 4 * 1024**3,

@@ -9,6 +9,11 @@ from finetune.strategies.gradual import GradualUnfreezing
 
 
 class LinearProbeThenFinetune(GradualUnfreezing):
+    # finetune-compare's tuning: the probe's lr with the head grid on the cached features (probe_epochs epochs),
+    # then the rest of its search_space with Optuna, the probe fixed
+    head_grid_keys = {"strategy.probe_lr": "lr"}
+    head_grid_epochs_key = "strategy.probe_epochs"
+
     def __init__(self, probe_epochs: int = 10, probe_lr: float = 1e-2, finetune_lr: float = 1e-4,
                  modules: list[str] | None = None, train_bn: bool = False, freeze_bn_stats: bool = False,
                  probe_on: str = "cached",

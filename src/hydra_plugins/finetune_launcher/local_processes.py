@@ -96,7 +96,9 @@ class LocalProcessesLauncher(Launcher):
     def _command(self, overrides: Sequence[str], run_dir: Path, idx: int) -> List[str]:
         from finetune.config import config_dir_flags
 
-        searchpath = [o for o in self.config.hydra.overrides.hydra if o.startswith("hydra.searchpath")]
+        # as typed: an override such as hydra.sweep.subdir=trial${hydra.job.num} must not be resolved here
+        typed = OmegaConf.to_container(self.config.hydra.overrides.hydra, resolve=False)
+        searchpath = [o for o in typed if o.startswith("hydra.searchpath")]
         # hydra.mode=RUN: a job's own overrides may select a config that sets MULTIRUN (hparams_search=...)
         return [sys.executable, "-m", self.module, *config_dir_flags(self.config.hydra), *overrides, *searchpath,
                 f"hydra.run.dir={run_dir}", f"hydra.job.num={idx}", "hydra.mode=RUN"]

@@ -61,6 +61,8 @@ class OptunaSweeperConf:
     n_trials: int = 20
     # trials in flight in this worker (each its own job through the launcher)
     n_jobs: int = 1
+    # seconds after which this worker asks no new trial (those in flight finish); null: no limit
+    timeout: Optional[float] = None
     # stop this worker when more than this fraction of its trials failed
     max_failure_rate: float = 0.0
     search_space: Optional[Dict[str, Any]] = None
@@ -164,7 +166,9 @@ class OptunaSweeper(Sweeper):
     def __init__(self, sampler: Any, direction: Any, storage: Optional[str], study_name: Optional[str],
                  n_trials: int, n_jobs: int, max_failure_rate: float, search_space: Optional[Any],
                  custom_search_space: Optional[str], params: Optional[Any], pruner: Any = "none",
-                 heartbeat_interval: int = 30, grace_period: int = 120) -> None:
+                 heartbeat_interval: int = 30, grace_period: int = 120, timeout: Optional[float] = None) -> None:
+        self.timeout = timeout
+        self._deadline = math.inf
         self.sampler_config, self.direction, self.storage = sampler, direction, storage
         self.study_name, self.n_trials, self.n_jobs = study_name, n_trials, n_jobs
         self.max_failure_rate, self.search_space_config = max_failure_rate, search_space
@@ -175,6 +179,7 @@ class OptunaSweeper(Sweeper):
         self._stop = threading.Event()
         self._running: Dict[int, Any] = {}
         self._told = self._failed = 0
+        self._timed_out = False
         self._last_failure: Optional[BaseException] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -202,6 +207,9 @@ class OptunaSweeper(Sweeper):
         if self.search_space_config:
             raise config_error("hydra.sweeper.search_space is the old syntax; write the parameters under "
                                "hydra.sweeper.params, e.g. optimizer.lr: tag(log, interval(1e-4, 1e-1))")
+        if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
+                                         or not self.timeout > 0):
+            raise config_error(f"hydra.sweeper.timeout={self.timeout}; give seconds above 0, or null for no limit")
         if not 0 < int(self.heartbeat_interval) < int(self.grace_period):
             raise config_error(f"hydra.sweeper.grace_period={self.grace_period} must exceed heartbeat_interval="
                                f"{self.heartbeat_interval} (> 0)")
@@ -262,6 +270,8 @@ class OptunaSweeper(Sweeper):
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         self.search = search
+        if self.timeout is not None:
+            self._deadline = time.monotonic() + float(self.timeout)
         study = optuna.create_study(study_name=search["study_name"], storage=search["storage"],
                                     sampler=search["sampler"], pruner=search["pruner"], direction=self.direction,
                                     load_if_exists=True)
@@ -304,6 +314,12 @@ class OptunaSweeper(Sweeper):
                     finished = sum(map(counts_toward_n_trials, trials))
                     running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
                     if finished >= self.n_trials:
+                        return
+                    if time.monotonic() >= self._deadline:
+                        if not self._timed_out:
+                            self._timed_out = True
+                            log.info("hydra.sweeper.timeout=%ss reached: no new trial (%d finished)",
+                                     self.timeout, finished)
                         return
                     trial = None
                     if finished + len(running) < self.n_trials:
@@ -444,7 +460,9 @@ class OptunaSweeper(Sweeper):
 
     def resume_command(self) -> str:
         program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python -m finetune.train"
-        words = [*self.config.hydra.overrides.task, *self.config.hydra.overrides.hydra]
+        # as typed: hydra.sweep.subdir=trial${hydra.job.num} must not be resolved here
+        words = [*OmegaConf.to_container(self.config.hydra.overrides.task, resolve=False),
+                 *OmegaConf.to_container(self.config.hydra.overrides.hydra, resolve=False)]
         if self.storage is None and not any(w.startswith("hydra.sweep.dir=") for w in words):
             words.append(f"hydra.sweep.dir={self.search['sweep_dir'].resolve()}")
         return " ".join([program, "-m", *map(shlex.quote, words)])
@@ -465,6 +483,7 @@ class OptunaSweeper(Sweeper):
                    "study_name": self.study.study_name, "storage": self.search["storage_url"],
                    "finished": sum(map(counts_toward_n_trials, trials)),
                    "states": dict(Counter(t.state.name for t in trials if counts_toward_n_trials(t))),
+                   "timed_out": self._timed_out,
                    "resume": self.resume_command()}
         sweep_dir = self.search["sweep_dir"]
         sweep_dir.mkdir(parents=True, exist_ok=True)
