@@ -97,3 +97,56 @@ def test_option_value_trains_a_step(tmp_path, name):
                          else f"data.root={write_mnist(tmp_path / 'mnist')}")
     trainer, _, _ = fit(compose_config(tmp_path, [*base, *overrides, *SMALL]), test=True)
     assert trainer.global_step >= 1 and "test/acc" in trainer.callback_metrics
+
+
+def search_space_corner(cfg, high: bool) -> list[str]:
+    """Each search_space key at one end of its range (a choice's first or last option)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = []
+    for key, value in cfg.search_space.items():
+        if value is None:
+            continue
+        parsed = OverridesParser.create().parse_overrides([f"{key}={value}"])[0]
+        if parsed.is_interval_sweep():
+            end = parsed.value().end if high else parsed.value().start
+        else:
+            options = list(parsed.sweep_iterator())
+            end = options[-1] if high else options[0]
+        overrides.append(f"{key}={end}")
+    return overrides
+
+
+# the strategies whose search_space reaches beyond optimizer.lr and weight_decay (their own knobs)
+OWN_KNOBS = {"lora": [], "lp_ft": ["trainer.max_epochs=11"], "gradual": ["trainer.max_epochs=4"],
+             "gradual_fastai": ["trainer.max_epochs=2"]}
+
+
+@pytest.mark.parametrize("high", [False, True], ids=["low", "high"])
+@pytest.mark.parametrize("strategy", OWN_KNOBS)
+def test_a_strategy_trains_a_step_at_each_end_of_its_search_space(tmp_path, strategy, high):
+    """What finetune-compare's tuning may set (compare.tune): every key of the strategy's search_space, at the ends
+    of its range, composes, builds and trains."""
+    overrides = [*TINY, f"strategy={strategy}", *OWN_KNOBS[strategy]]
+    corner = search_space_corner(compose_config(tmp_path, overrides), high)
+    assert any(not key.startswith("optimizer.") for key in (o.split("=")[0] for o in corner))
+    trainer, _, _ = fit(compose_config(tmp_path, [*overrides, *corner, *SMALL]))
+    assert trainer.global_step >= 1
+
+
+def test_test_false_fits_and_leaves_the_test_split_unread(tmp_path):
+    """test=false (finetune-compare's tuning trials): no test evaluation, no predictions.csv, metrics.json says so;
+    a search that optimises a test metric is refused in one line."""
+    import json
+
+    from finetune.errors import ConfigError
+    from finetune.train import objective, train
+
+    cfg = compose_config(tmp_path, [*TINY, "strategy=freeze", "test=false", "trainer.max_epochs=1"])
+    metrics = train(cfg)
+    assert metrics["tested"] is False and metrics["best_val_acc"] is not None
+    assert not (tmp_path / "predictions.csv").exists()
+    assert json.loads((tmp_path / "metrics.json").read_text())["tested"] is False
+    cfg.optimized_metric = "test/acc"
+    with pytest.raises(ConfigError, match="optimized_metric=test/acc needs the test split, which test=false"):
+        objective(cfg)

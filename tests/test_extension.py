@@ -98,7 +98,7 @@ def test_compare_finds_and_runs_a_user_strategy_from_the_users_config_folder(tmp
     configs = str(TESTS_DIR / "extension" / "configs")
     flags = ["-cd", configs] if how == "config_dir" else [f"hydra.searchpath=[file://{configs}]"]
     result = run_main("finetune.compare.cli", *flags, *TINY, "compare.strategies=[lp_ft_tiny]",
-                      "compare.seeds=[1]", f"hydra.run.dir={tmp_path / 'compare'}", cwd=tmp_path)
+                      "compare.seeds=[1]", "compare.tune.trials=0", f"hydra.run.dir={tmp_path / 'compare'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "compare" / "lp_ft_tiny_seed1" / "metrics.json").read_text())
     assert metrics["strategy"] == "lp_ft"

@@ -211,6 +211,9 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         small = [o for o in with_small_settings(words[1:]) if o != "trainer.max_epochs=1"] + ["++trainer.max_steps=2"]
         if not any(o.startswith("compare.seeds=") for o in small):  # two seeds: the paired tests pair by seed
             small.append("compare.seeds=[42,43]")
+        tuned = not any(o.startswith("compare.tune.trials=") for o in small)
+        if tuned:  # every strategy tuned as the command does, on two configurations, before its test runs
+            small.append("compare.tune.trials=2")
         result = run_main("finetune.compare.cli", *small, f"paths.cache_dir={shared['cache']}",
                           f"hydra.run.dir={out}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -222,9 +225,12 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         assert len(list(out.glob("*_seed43/metrics.json"))) == len(rows), "every strategy once per seed"
         assert result.stdout.index("recommended by") < result.stdout.index("95% interval"), "the line tops the table"
         assert {r["epochs"] for r in rows.values()} == {1}
-        # same seed, same batches, eval-mode features: the strategies that train only the head agree
-        assert rows["freeze"]["test_acc"] == rows["no_grad"]["test_acc"] == rows["cached"]["test_acc"]
         assert (out / "comparison.md").exists() and (out / "comparison.png").exists()
+        if tuned:  # each strategy's final runs at the configuration its tuning chose; its trials never tested
+            tunings = {p.parent.name: json.loads(p.read_text()) for p in out.glob("tune/*/tuning.json")}
+            assert sorted(tunings) == strategy_names() and all(t["run"] == 2 for t in tunings.values())
+            assert "## Tuning" in (out / "comparison.md").read_text() and (out / "tuning.png").exists()
+            assert not list(out.glob("tune/*/optuna/*/predictions.csv"))
         check_parameter_efficient_runs(runs, rows, tmp_path)
     elif how == "compare_from":
         sweep_dir, _ = request.getfixturevalue("sweep")

@@ -316,7 +316,7 @@ def test_compare_splits_sweeps_the_split_seed(tmp_path, monkeypatch):
     commands = []
     monkeypatch.setattr(compare, "run_sweep", lambda command: commands.append(command) or 1)
     result = run_main("finetune.compare.cli", *TINY, "compare.strategies=[freeze,full]", "compare.seeds=[1,2]",
-                      "compare.splits=3", "data.split_seed=5", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+                      "compare.tune.trials=0", "compare.splits=3", "data.split_seed=5", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 2 and "every run failed" in result.stderr  # nothing ran
     command = commands[0]
     assert "data.split_seed=5,6,7" in command and "data.split_seed=5" not in command
@@ -358,7 +358,7 @@ def test_compare_trains_each_strategy_and_seed_in_its_own_process_two_at_once(tm
     finetune.train` child with the overrides given, two at once."""
     out = tmp_path / "out"
     result = run_main("finetune.compare.cli", *TINY, "trainer.max_epochs=1", "compare.strategies=[freeze,cached]",
-                      "compare.seeds=[1,2]", "compare.jobs=2", f"paths.cache_dir={tmp_path / 'cache'}",
+                      "compare.seeds=[1,2]", "compare.jobs=2", "compare.tune.trials=0", f"paths.cache_dir={tmp_path / 'cache'}",
                       f"hydra.run.dir={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.parent.name for p in out.glob("*/metrics.json"))
@@ -445,7 +445,7 @@ def test_compare_on_slurm_composes_the_submitit_sweep(tmp_path, monkeypatch):
     commands = []
     monkeypatch.setattr(compare, "run_sweep", lambda command: commands.append(command) or 1)
     result = run_main("finetune.compare.cli", *TINY, "compare.strategies=[freeze,full]", "compare.seeds=[1,2]",
-                      "hydra/launcher=slurm", "hydra.launcher.partition=gpu", f"hydra.run.dir={tmp_path}",
+                      "compare.tune.trials=0", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", f"hydra.run.dir={tmp_path}",
                       cwd=tmp_path)
     assert result.returncode == 2 and "every run failed" in result.stderr  # nothing ran: no cluster here
     command = commands[0]

@@ -95,7 +95,9 @@ class Plan:
 def checked_space(strategy: str, cfg: DictConfig) -> dict[str, str]:
     """The strategy's search_space as {config key: Optuna override value}, null entries (a preset dropping a key it
     inherits) left out; refused in one line when a key names no config field or a range is empty or inverted."""
-    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import search_space
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import distribution_from_override
 
     raw = cfg.get("search_space")
     if raw is None:
@@ -103,6 +105,10 @@ def checked_space(strategy: str, cfg: DictConfig) -> dict[str, str]:
     if not isinstance(raw, DictConfig) or OmegaConf.is_list(raw):
         raise ConfigError(f"strategy {strategy}: search_space must map config keys to ranges, e.g. "
                           f"optimizer.lr: tag(log, interval(1e-5, 1e-2))")
+    nested = [str(k) for k, v in raw.items() if isinstance(v, DictConfig)]
+    if nested:
+        raise ConfigError(f"strategy {strategy}: search_space {nested[0]} holds a mapping; write each entry as a "
+                          f"dotted config key and a range, e.g. optimizer.lr: tag(log, interval(1e-5, 1e-2))")
     space = {str(k): str(v) for k, v in raw.items() if v is not None}
     missing = object()
     for key, value in space.items():
@@ -111,24 +117,23 @@ def checked_space(strategy: str, cfg: DictConfig) -> dict[str, str]:
             raise ConfigError(f"strategy {strategy}: search_space key {key} names no field of its config; give a "
                               f"dotted config key such as optimizer.lr, optimizer.weight_decay or strategy.<field>")
         try:
-            distributions, fixed = search_space([f"{key}={value}"])
-        except ConfigError:
-            raise
-        except Exception as err:  # the override grammar's or Optuna's refusal
+            override = OverridesParser.create().parse_overrides([f"{key}={value}"])[0]
+        except Exception as err:  # the override grammar's refusal
             raise ConfigError(f"strategy {strategy}: search_space {key}: {value} is not a range Optuna reads "
                               f"({str(err).strip().splitlines()[-1]}); e.g. tag(log, interval(1e-5, 1e-2)), "
                               f"interval(0.0, 0.5), choice(4, 8, 16)") from None
-        if key in fixed:
+        if not override.is_sweep_override():
             raise ConfigError(f"strategy {strategy}: search_space {key}: {value} is one value, not a range; give "
                               f"interval(low, high), tag(log, interval(low, high)) or choice(a, b, ...)")
-        distribution = distributions[key]
-        low, high = getattr(distribution, "low", None), getattr(distribution, "high", None)
-        if low is not None and not low < high:
-            raise ConfigError(f"strategy {strategy}: search_space {key}: {value} is an empty or inverted range "
-                              f"(low {low} must be below high {high})")
-        if getattr(distribution, "log", False) and not low > 0:
-            raise ConfigError(f"strategy {strategy}: search_space {key}: {value} is on a log scale and needs a low "
-                              f"end above 0")
+        if override.is_interval_sweep():
+            low, high = override.value().start, override.value().end
+            if not low < high:
+                raise ConfigError(f"strategy {strategy}: search_space {key}: {value} is an empty or inverted range "
+                                  f"(low {low} must be below high {high})")
+            if "log" in override.value().tags and not low > 0:
+                raise ConfigError(f"strategy {strategy}: search_space {key}: {value} is on a log scale and needs a "
+                                  f"low end above 0")
+        distribution = distribution_from_override(override)
         if hasattr(distribution, "choices") and len(distribution.choices) < 2:
             raise ConfigError(f"strategy {strategy}: search_space {key}: {value} offers fewer than two choices")
     return space

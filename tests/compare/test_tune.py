@@ -1,0 +1,179 @@
+"""finetune-compare's tuning (compare.tune): each strategy's search_space tried on val under one budget, the test split
+evaluated only by the final runs; the settings and spaces refused in one line before anything runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from finetune.compare import tune
+from finetune.config import strategy_names
+from finetune.errors import ConfigError
+from tests.compare.test_compare import fake_run
+from tests.conftest import TINY, compose_config
+from tests.test_cli import run_main
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ({"trials": -1}, "compare.tune.trials=-1 must be an integer of at least 0"),
+    ({"trials": 2.5}, "compare.tune.trials=2.5 must be an integer"),
+    ({"trials": 4, "max_minutes": 0}, "compare.tune.max_minutes=0 must be a number of minutes above 0"),
+    ({"trials": 4, "seed": 42}, "compare.tune.seed=42 is one of compare.seeds=[42, 43]"),
+    ({"trials": 4, "pruner": "mean"}, "compare.tune.pruner=mean; choose one of: median, hyperband")])
+def test_a_bad_budget_is_one_line_naming_what_is_valid(setting, expected):
+    with pytest.raises(ConfigError, match="^" + expected.replace("[", r"\[").replace("]", r"\]")):
+        tune.checked_budget(setting, [42, 43])
+
+
+def test_the_budget_is_the_same_for_all_and_zero_means_untuned():
+    budget = tune.checked_budget({"trials": 0, "seed": 42}, [42])  # untuned: the seed is never used
+    assert budget.trials == 0
+    assert tune.checked_budget(OmegaConf.create({"trials": 3, "max_minutes": 1.5}), [1]).max_minutes == 1.5
+
+
+def strategy_cfg(tmp_path: Path, strategy: str, *overrides: str):
+    return compose_config(tmp_path, [*TINY, f"strategy={strategy}", *overrides])
+
+
+@pytest.mark.parametrize("strategy", strategy_names())
+def test_every_shipped_strategy_declares_a_space_of_real_fields(tmp_path, strategy):
+    cfg = strategy_cfg(tmp_path, strategy)
+    plan = tune.plan_of(strategy, cfg)
+    assert plan.space, f"{strategy} has no search_space: it would run untuned"
+    assert "optimizer.weight_decay" in plan.space, "every strategy tunes its weight decay"
+    expected = {"cached": "head_grid", "lp_ft": "head_grid+optuna"}.get(strategy, "optuna")
+    assert plan.method == expected
+
+
+def test_a_preset_drops_an_inherited_key_with_null(tmp_path):
+    space = tune.plan_of("gradual_fastai", strategy_cfg(tmp_path, "gradual_fastai")).space
+    assert "strategy.phases.2.lr" not in space and "optimizer.layer_decay" in space  # two phases, not three
+    assert "strategy.phases.2.lr" in tune.plan_of("gradual", strategy_cfg(tmp_path, "gradual")).space
+
+
+@pytest.mark.parametrize("entry,expected", [
+    ("optimizer.lrr: tag(log, interval(1e-4, 1e-1))", "search_space key optimizer.lrr names no field of its config"),
+    ("optimizer.lr: tag(log, interval(1e-1, 1e-4))", "is an empty or inverted range (low 0.1 must be below high"),
+    ("optimizer.lr: interval(0.01, 0.01)", "is an empty or inverted range"),
+    ("optimizer.lr: tag(log, interval(0.0, 0.1))", "is on a log scale and needs a low end above 0"),
+    ("optimizer.lr: 0.01", "is one value, not a range"),
+    ("head.dropout: choice(0.1)", "offers fewer than two choices"),
+    ("optimizer.lr: interval(1e-4", "is not a range Optuna reads")])
+def test_a_bad_search_space_is_one_line(tmp_path, entry, expected):
+    cfg = strategy_cfg(tmp_path, "freeze")
+    key, value = entry.split(": ", 1)
+    cfg.search_space = {key: value}
+    with pytest.raises(ConfigError) as raised:
+        tune.plan_of("freeze", cfg)
+    message = str(raised.value)
+    assert expected in message and message.startswith("strategy freeze: ") and "\n" not in message
+
+
+def test_the_head_grid_refuses_a_key_it_cannot_vary(tmp_path):
+    cfg = strategy_cfg(tmp_path, "cached")
+    cfg.search_space["optimizer.lr"] = "choice(0.1, 0.01)"
+    with pytest.raises(ConfigError, match="the head grid tries numbers in a range"):
+        tune.plan_of("cached", cfg)
+
+
+def test_the_latin_hypercube_takes_every_stratum_of_each_range_once():
+    space = {"optimizer.lr": "tag(log, interval(1e-4, 1e-1))", "optimizer.weight_decay": "interval(0.0, 0.1)"}
+    points = tune.latin_hypercube(space, 16, seed=3)
+    assert points == tune.latin_hypercube(space, 16, seed=3) != tune.latin_hypercube(space, 16, seed=4)
+    lr = np.log10([p["optimizer.lr"] for p in points])
+    decay = np.array([p["optimizer.weight_decay"] for p in points])
+    assert sorted(np.floor((lr + 4) / 3 * 16).astype(int)) == list(range(16)), "one lr per sixteenth of the decades"
+    assert sorted(np.floor(decay / 0.1 * 16).astype(int)) == list(range(16))
+
+
+def test_the_cost_that_picks_the_recommendation_counts_the_tuning(tmp_path):
+    """freeze and no_grad give the same predictions; no_grad fits faster but tuned for longer: counted with its
+    tuning it is the dearer one, and the recommendation says both costs."""
+    from finetune.compare.decide import decide
+    from finetune.compare.report import collect_runs
+
+    generator = np.random.default_rng(0)
+    for seed in (1, 2, 3):
+        correct = generator.random(400) < 0.9
+        fake_run(tmp_path / f"freeze_seed{seed}", "freeze", seed, correct, 10.0, 100, val=0.9)
+        fake_run(tmp_path / f"no_grad_seed{seed}", "no_grad", seed, correct, 8.0, 100, val=0.9)
+    runs = collect_runs(tmp_path)
+    assert decide(runs, reference="freeze")["by_time"] == "no_grad"
+    tuned = decide(runs, reference="freeze", tuning_seconds={"freeze": 10.0, "no_grad": 30.0})
+    assert tuned["by_time"] == "freeze"
+    assert tuned["strategies"]["no_grad"]["cost_seconds"] == 38.0
+    assert tuned["strategies"]["no_grad"]["fit_cost_seconds"] == 8.0
+    decision = decide(runs, reference="no_grad", tuning_seconds={"freeze": 10.0, "no_grad": 30.0})
+    assert decision["by_time"] == "freeze" and "53% of its cost with tuning (125% of its fit time without)" in \
+        decision["lines"][0]
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ("compare.tune.trials=-2", "compare.tune.trials=-2 must be an integer of at least 0"),
+    ("compare.tune.seed=42", "compare.tune.seed=42 is one of compare.seeds=[42, 43, 44, 45, 46]"),
+    ("+search_space.lrr='interval(0.1,0.2)'", "search_space key lrr names no field")])
+def test_compare_refuses_a_bad_tuning_before_running_anything(tmp_path, monkeypatch, setting, expected):
+    from finetune.compare import cli as compare
+
+    commands = []
+    monkeypatch.setattr(compare, "run_sweep", lambda command: commands.append(command) or 0)
+    result = run_main("finetune.compare.cli", *TINY, "compare.strategies=[freeze,full]", "compare.tune.trials=2",
+                      setting, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
+        result.stderr[-2000:]
+    assert not commands and not (tmp_path / "tune").exists(), "nothing run"
+
+
+@pytest.mark.slow
+def test_a_tuned_comparison_tests_only_its_final_runs(tmp_path, monkeypatch):
+    """freeze tunes through the Optuna sweeper (test=false trials), cached through the head grid; the test split
+    is evaluated exactly once per final run (strategies x seeds), never by a trial, and each final run trains at
+    the configuration its tuning chose."""
+    import lightning as L
+
+    from finetune.compare import cli as compare
+
+    tested = []
+    real_test = L.Trainer.test
+
+    def counting_test(self, *args, **kwargs):
+        tested.append(Path(self.default_root_dir).name)
+        return real_test(self, *args, **kwargs)
+
+    def sweep_in_this_process(command: list[str]) -> int:
+        words = [w for w in command[3:] if not w.startswith(("hydra/launcher=", "hydra.launcher."))]
+        return run_main(command[2], *words, "hydra/launcher=basic", cwd=tmp_path).returncode
+
+    monkeypatch.setattr(L.Trainer, "test", counting_test)
+    monkeypatch.setattr(compare, "run_sweep", sweep_in_this_process)
+    out = tmp_path / "out"
+    result = run_main("finetune.compare.cli", *TINY, "trainer.max_epochs=2", "compare.strategies=[freeze,cached]",
+                      "compare.seeds=[1,2]", "compare.tune.trials=3", f"paths.cache_dir={tmp_path / 'cache'}",
+                      f"hydra.run.dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(tested) == ["cached_seed1", "cached_seed2", "freeze_seed1", "freeze_seed2"]
+    records = tune.read_tunings(out)
+    assert records["freeze"]["method"] == "optuna" and records["cached"]["method"] == "head_grid"
+    for strategy, record in records.items():
+        assert record["run"] == 3 and len(record["trials"]) == 3 and record["chosen"]
+        best = max((t for t in record["trials"] if t["state"] == "COMPLETE"), key=lambda t: t["val_acc"])
+        assert record["chosen"] == best["params"] and record["best_val_acc"] == best["val_acc"]
+        for seed in (1, 2):  # the final runs trained at the chosen configuration
+            run = OmegaConf.load(out / f"{strategy}_seed{seed}" / ".hydra" / "config.yaml")
+            assert run.optimizer.lr == pytest.approx(record["chosen"]["optimizer.lr"])
+            assert run.optimizer.weight_decay == pytest.approx(record["chosen"]["optimizer.weight_decay"])
+            assert run.seed == seed
+    for trial in records["freeze"]["trials"]:
+        trial_dir = Path(trial["run_dir"])
+        assert json.loads((trial_dir / "metrics.json").read_text())["tested"] is False
+        assert not (trial_dir / "predictions.csv").exists()
+        assert OmegaConf.load(trial_dir / ".hydra" / "config.yaml").seed == 0, "the tuning's own seed"
+    report = (out / "comparison.md").read_text()
+    assert "## Tuning" in report and "| freeze | optuna | 3 |" in report and (out / "tuning.png").exists()
+    rows = {r["strategy"]: r for r in __import__("csv").DictReader(open(out / "comparison.csv"))}
+    assert float(rows["freeze"]["cost_with_tuning_seconds"]) > float(rows["freeze"]["cost_seconds"])
+    assert rows["freeze"]["tuned"].startswith("optimizer.lr=")
