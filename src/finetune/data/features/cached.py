@@ -97,7 +97,9 @@ class CachedFeatureDataModule(SplitLoaders):
         """Everything that decides the stored numbers, but the split; any change gives another key."""
         return feature_identity(self.module, self.images, self.dtype, device, self.precision)
 
-    def setup(self, stage: str | None = None) -> None:
+    def setup(self, stage: str | None = None, splits: tuple[str, ...] = SPLITS) -> None:
+        """Find or build the entries of `splits` (all three for a run; the head grid asks for train and val only, so
+        that it never reads the test split) and place them."""
         if self.splits or self.resident:
             return
         self.images.trainer = self.trainer
@@ -117,7 +119,7 @@ class CachedFeatureDataModule(SplitLoaders):
         shared = self.identity(device)
         extraction = FeatureExtraction(self.cache, self.images, self.module, self.dtype, self.extract_batch_size,
                                        self.shard_rows, self.precision, self.trainer)
-        for split in SPLITS:
+        for split in splits:
             identity = {**shared, "split": split, "num_samples": len(self.images.split_dataset(split))}
             key = self.cache.key(identity)
             self.report["cache_keys"][split] = key

@@ -1,0 +1,105 @@
+"""The head grid (finetune.compare.head_grid): one pass trains K heads that each match the real `strategy=cached`
+run of their (lr, weight decay), without reading the test split."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from finetune.compare.head_grid import fit_head_grid
+from finetune.data.base import TensorImageDataModule
+from finetune.data.features.cache import FeatureCache
+from finetune.data.features.cached import CachedFeatureDataModule
+from finetune.errors import ConfigError
+from tests.conftest import fit
+
+# 128 train rows in 8 batches, 32 val rows, 3 epochs: enough steps for the schedule and the lrs to tell heads apart
+GRID_DATA = ["data.num_samples=128", "trainer.max_epochs=3"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The heads' matmuls are too small to share: on a loaded 2-core machine a second thread's spin-waits made a
+    grid 50x slower. Both the run and the grid see the same setting, so the comparisons are unaffected."""
+    torch.set_num_threads(1)
+    yield
+
+
+class ValScores(L.Callback):
+    """The real run's val/acc and val/loss of every epoch, as the module logged them."""
+
+    def __init__(self):
+        self.acc, self.loss = [], []
+
+    def on_validation_end(self, trainer, module):
+        self.acc.append(float(trainer.callback_metrics["val/acc"]))
+        self.loss.append(float(trainer.callback_metrics["val/loss"]))
+
+
+def test_a_grid_of_one_is_the_real_cached_run(tiny):
+    overrides = [*GRID_DATA, "optimizer.lr=0.05", "optimizer.weight_decay=0.1"]
+    scores = ValScores()
+    _, _, datamodule = fit(tiny(*overrides), callbacks=(scores,))
+    result = fit_head_grid(tiny(*overrides), [{"lr": 0.05, "weight_decay": 0.1}])
+
+    assert result["cache_keys"] == {s: datamodule.report["cache_keys"][s] for s in ("train", "val")}, \
+        "the grid reads the run's own cache entries"
+    assert result["extract_seconds"] == 0, "the run extracted them: a cache hit"
+    assert result["samples"] == 128 and result["epochs"] == 3
+    head = result["heads"][0]
+    assert len(set(scores.loss)) == 3, "the head trains: every epoch's val loss differs"
+    # the same batches, initial head, optimizer groups and schedule: the same predictions every epoch, so the same
+    # accuracy; the loss is the same mean, summed in another order (the run weighs batch means by their size)
+    assert head["val_acc"] == scores.acc
+    assert head["val_loss"] == pytest.approx(scores.loss, rel=1e-6, abs=0)
+    assert head["best_val_acc"] == max(scores.acc) and scores.acc[head["best_epoch"]] == max(scores.acc)
+
+
+def test_heads_trained_together_do_not_interact(tiny):
+    grid = [{"lr": 0.05, "weight_decay": 0.1}, {"lr": 1e-3, "weight_decay": 0.0}, {"lr": 0.2, "weight_decay": 1.0}]
+    together = fit_head_grid(tiny(*GRID_DATA), grid)["heads"]
+    alone = [fit_head_grid(tiny(*GRID_DATA), [setting])["heads"][0] for setting in grid]
+    assert len({tuple(head["val_loss"]) for head in together}) == 3, "the settings give different heads"
+    # each head gets only its own cross-entropy's gradient and its own groups' lr and decay: bitwise the lone head
+    assert together == alone
+
+
+def test_the_grid_never_reads_the_test_split(tiny, monkeypatch, tmp_path):
+    read = []
+    for name in ("split_dataset", "subset_loader", "split_loader"):
+        original = getattr(TensorImageDataModule, name)
+        monkeypatch.setattr(TensorImageDataModule, name,
+                            lambda self, split, *a, _original=original, **k: read.append(split) or _original(
+                                self, split, *a, **k))
+
+    def refuse(self):
+        raise AssertionError("the head grid built the test loader")
+
+    monkeypatch.setattr(CachedFeatureDataModule, "test_dataloader", refuse)
+    fit_head_grid(tiny(*GRID_DATA), [{"lr": 0.05, "weight_decay": 0.1}])
+    assert {"train", "val"} <= set(read) and "test" not in read
+    splits = {entry.manifest["identity"]["split"] for entry in FeatureCache(tmp_path / "cache").entries()}
+    assert splits == {"train", "val"}, "no test features were extracted"
+
+
+@pytest.mark.parametrize("grid, overrides, message", [
+    ([], [], "head grid is empty; give at least one {lr, weight_decay} configuration"),
+    ([{"lr": 0.0, "weight_decay": 0.0}], [], "head grid entry 0: lr=0.0 must be a positive number"),
+    ([{"lr": 1e-3, "weight_decay": 0}, {"lr": -1, "weight_decay": 0}], [],
+     "head grid entry 1: lr=-1 must be a positive number"),
+    ([{"lr": 1e-3, "weight_decay": -0.1}], [], "head grid entry 0: weight_decay=-0.1 must be 0 or more"),
+    ([{"lr": 1e-3}], [], "head grid entry 0 = {'lr': 0.001} needs both lr and weight_decay"),
+    ([{"lr": 1e-3, "weight_decay": 0}], ["strategy=freeze"],
+     "strategy=freeze for the head grid, which trains heads on cached features only; choose strategy=cached"),
+])
+def test_bad_input_is_refused_in_one_line(tiny, grid, overrides, message):
+    with pytest.raises(ConfigError) as refused:
+        fit_head_grid(tiny(*overrides), grid)
+    assert str(refused.value) == message
+
+
+def test_bad_epochs_are_refused_in_one_line(tiny):
+    with pytest.raises(ConfigError, match=r"^head grid epochs=0 must be a positive integer \(null: "
+                                          r"trainer.max_epochs\)$"):
+        fit_head_grid(tiny(), [{"lr": 1e-3, "weight_decay": 0}], epochs=0)
