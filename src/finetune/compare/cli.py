@@ -87,10 +87,12 @@ def split_seeds(cfg: DictConfig, splits: int) -> list[int]:
     return [first + k for k in range(splits)]
 
 
-def train_command(cfg: DictConfig, drop: tuple[str, ...] = (), several_splits: bool = False) -> list[str]:
+def train_command(cfg: DictConfig, drop: tuple[str, ...] = (), several_splits: bool = False,
+                  hydra_cfg: DictConfig | None = None) -> list[str]:
     """`finetune-train -m` with the user's overrides (less `drop`ped keys: those the tuning sets) and the launcher
-    chosen for this compare (hydra/launcher=..., hydra.launcher.*)."""
-    hydra_cfg = HydraConfig.get()
+    chosen for this compare (hydra/launcher=..., hydra.launcher.*), from this compare's Hydra config (`hydra_cfg`,
+    taken before anything ran; by default the current one)."""
+    hydra_cfg = hydra_cfg if hydra_cfg is not None else HydraConfig.get()
     own = OWN_KEYS + (("data.split_seed=",) if several_splits else ()) + tuple(f"{key}=" for key in drop)
     task = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(own)]
     launcher = hydra_cfg.runtime.choices.get("hydra/launcher", "local_processes")
@@ -102,14 +104,15 @@ def train_command(cfg: DictConfig, drop: tuple[str, ...] = (), several_splits: b
 
 
 def sweep_command(strategies: list[str], seeds: list[int], cfg: DictConfig, output_dir: Path,
-                  splits: list[int] | None = None, tuned: list[str] | None = None) -> list[str]:
+                  splits: list[int] | None = None, tuned: list[str] | None = None,
+                  hydra_cfg: DictConfig | None = None) -> list[str]:
     """The `finetune-train -m` sweep of strategies x seeds (x data.split_seed when `splits` has more than one): the
     user's overrides for every run (with `tuned`, the overrides a tuning chose, in place of the user's for those
     keys), each run in <output_dir>/<strategy>_seed<seed> (<strategy>_split<k>_seed<seed>)."""
     several = splits is not None and len(splits) > 1
     tuned = list(tuned or [])
     split_sweep = [f"data.split_seed={','.join(str(k) for k in splits)}"] if several else []
-    return [*train_command(cfg, tuple(o.split("=", 1)[0] for o in tuned), several),
+    return [*train_command(cfg, tuple(o.split("=", 1)[0] for o in tuned), several, hydra_cfg),
             f"strategy={','.join(strategies)}", f"seed={','.join(str(s) for s in seeds)}", *split_sweep, *tuned,
             f"hydra.sweep.dir={output_dir}", f"hydra.sweep.subdir={SPLIT_RUN_FOLDER if several else RUN_FOLDER}"]
 
@@ -148,20 +151,20 @@ def tune_all(strategies: list[str], cfg: DictConfig, budget: tune.Budget, output
     if importlib.util.find_spec("optuna") is None:
         raise ConfigError(f"compare.tune.trials={budget.trials} tunes through Optuna, which is not installed: pip "
                           f"install 'finetune[search]' (or compare.tune.trials=0: every strategy as configured)")
+    # every config composed and every space checked before the first trial runs
     configs = {s: strategy_config(s) for s in strategies}
     plans = {s: tune.plan_of(s, configs[s]) for s in strategies}
+    cached = {s: configs[s] if strategy_is_cached(configs[s]) else cached_config_for(configs[s])
+              for s, plan in plans.items() if plan.grid_keys}
+    bases = {s: train_command(cfg, tuple(plan.space)) for s, plan in plans.items()}
     jobs = int(cfg.compare.get("jobs", 1))
     records = {}
     for strategy, plan in plans.items():
         if plan.method == "untuned":
             records[strategy] = tune.untuned_record(strategy, budget, output_dir)
             continue
-        cached = None
-        if plan.grid_keys:
-            cached = configs[strategy] if strategy_is_cached(configs[strategy]) else cached_config_for(configs[strategy])
-        base = train_command(cfg, tuple(plan.space))
-        records[strategy] = tune.tune_strategy(plan, configs[strategy], cached, budget, base, output_dir, jobs,
-                                               run=lambda command: run_sweep(command))
+        records[strategy] = tune.tune_strategy(plan, configs[strategy], cached.get(strategy), budget, bases[strategy],
+                                               output_dir, jobs, run=lambda command: run_sweep(command))
         print(tune.describe(records[strategy]), flush=True)
     return records
 
@@ -212,13 +215,15 @@ def main(cfg: DictConfig) -> None:
         checked_reference(statistics["reference"], strategies)
         splits = split_seeds(cfg, statistics["splits"])
         budget = tune.checked_budget(cfg.compare.get("tune"), seeds)
+        hydra_cfg = HydraConfig.get()  # this compare's, whatever a sweep run in this process sets afterwards
         tunings = tune_all(strategies, cfg, budget, output_dir) if budget.trials else {}
         as_configured = [s for s in strategies if not tunings.get(s, {}).get("overrides")]
         if as_configured:
-            run_sweep(sweep_command(as_configured, seeds, cfg, output_dir, splits))
+            run_sweep(sweep_command(as_configured, seeds, cfg, output_dir, splits, hydra_cfg=hydra_cfg))
         for strategy in strategies:  # each tuned strategy's test runs at its own chosen configuration
             if strategy not in as_configured:
-                run_sweep(sweep_command([strategy], seeds, cfg, output_dir, splits, tunings[strategy]["overrides"]))
+                run_sweep(sweep_command([strategy], seeds, cfg, output_dir, splits, tunings[strategy]["overrides"],
+                                        hydra_cfg))
         rows = collect_runs(output_dir)
         if not succeeded(rows):
             raise ConfigError(f"every run failed; see the train.log files under {output_dir}")
