@@ -96,10 +96,8 @@ def in_process_figures(args, size: int, cache_dir: Path, out_dir: Path) -> dict:
     """Open time, hit setup time, and head throughput from the map against RAM, on the entries of `size`."""
     import lightning as L
     import torch
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
 
-    from finetune.config import CONFIG_DIR
+    from finetune.config import compose_config
     from finetune.data.features.cache import FeatureCache
     from finetune.build import build
 
@@ -112,9 +110,7 @@ def in_process_figures(args, size: int, cache_dir: Path, out_dir: Path) -> dict:
     del mapped
 
     overrides = run_command(args, size, cache_dir, out_dir)[3:-1]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*overrides, f"paths.output_dir={out_dir}"])
+    cfg = compose_config([*overrides, f"paths.output_dir={out_dir}"])
 
     class EpochRates(L.Callback):
         """Training samples per second of each epoch (validation is off)."""
