@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.bench.report import write_report
+from finetune.bench.report import text_table, write_report
 
 MB = 2**20
 
@@ -182,9 +182,7 @@ def format_table(rows: list[dict]) -> str:
     body = [[f"{r['size']:,}", r["run"], f"{r['peak_rss_mb']:,.0f}", f"{r['peak_anon_rss_mb']:,.0f}",
              "" if r["extract_seconds"] is None else f"{r['extract_seconds']:.1f}", f"{r['wall_seconds']:.1f}",
              str(r["cache_hit"])] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
-    line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(headers), "-+-".join("-" * w for w in widths), *map(line, body)])
+    return text_table(headers, body)
 
 
 def growth_per_100k(rows: list[dict], run: str, field: str) -> float | None:

@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from finetune.bench.report import write_report
+from finetune.bench.report import text_table, write_report
 
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 
@@ -72,9 +72,7 @@ def format_table(rows: list[dict]) -> str:
     body = [[r["size"], f"{r['rows']:,}", str(r["epochs"]), str(r["heads"]), f"{r['seconds']:.2f}",
              f"{r['seconds_per_epoch']:.3f}", "" if r["over_grid1"] is None else f"{r['over_grid1']:.2f}"]
             for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
-    line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(headers), "-+-".join("-" * w for w in widths), *map(line, body)])
+    return text_table(headers, body)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
