@@ -49,7 +49,8 @@ def measure_size(size: str, args, work: Path) -> list[dict]:
     from finetune.compare.head_grid import fit_head_grid
     from finetune.config import compose_config
 
-    overrides = [*size_overrides(size, args), *args.overrides, f"paths.output_dir={work / 'run'}", f"paths.cache_dir={work / 'cache'}"]
+    overrides = [*size_overrides(size, args), *args.overrides, f"paths.output_dir={work / 'run'}",
+                 f"paths.cache_dir={work / 'cache'}"]
     epochs = args.epochs.get(size)
     cold = fit_head_grid(compose_config(overrides), grid_of(1), epochs=epochs)  # extracts: untimed
     print(f"{size}: features extracted in {cold['extract_seconds']:.1f}s ({cold['samples']:,} train rows)", flush=True)
@@ -84,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="epochs of a size (default: trainer.max_epochs, 10)")
     parser.add_argument("--batch-size", type=int, default=64, help="head batch size (data.batch_size)")
     parser.add_argument("--device", default="cpu", help="trainer.accelerator")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny matmuls gain nothing from more)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (on a shared machine a second one's spin-waits cost more)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--overrides", nargs="*", default=[], help="more finetune-train overrides (e.g. a backbone)")
     parser.add_argument("--work-dir", default="logs/bench_head_grid", help="cache and run folders (removed at the end)")
