@@ -53,6 +53,17 @@ def instantiate(node, **kwargs):
         raise cause from None
 
 
+def compose_config(overrides: list[str], config_name: str = "train"):
+    """The config `finetune-train <overrides>` would run, composed in this process (benchmarks, the head grid's
+    callers): no run folder, no Hydra job."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
 def config_dir_flags(hydra_cfg) -> list[str]:
     """`-cd <folder>` for the config folder this run's command line added (Hydra records it as a config source of
     provider "command-line", made absolute), for another command that must see the same configs."""

@@ -54,3 +54,21 @@ def test_the_storage_benchmark_reads_back_what_each_library_wrote(tmp_path):
     assert [r["library"] for r in report["results"]] == ["npy", "safetensors"]
     assert all(r["disk_bytes"] >= 300 * 16 * 16 * 3 and r["random_first"] > 0 for r in report["results"])
     assert not (tmp_path / "work").exists()
+
+
+def test_the_head_grid_benchmark_times_every_width_on_one_cache_entry(tmp_path):
+    """finetune-bench head_grid end to end on the tiny model: every width timed on a cache hit, ratios to the grid
+    of 1, the table and the JSON written, the scratch folder removed."""
+    from finetune.bench import head_grid as bench_head_grid
+    from finetune.bench.cli import main as bench_main
+
+    out, work = tmp_path / "head_grid.json", tmp_path / "work"
+    bench_main(["head_grid", "--sizes", "fake:64", "--heads", "1", "2", "--repeats", "1", "--epochs", "fake:64=2",
+                "--batch-size", "16", "--overrides", "backbone=timm", "backbone.name=test_efficientnet",
+                "backbone.pretrained=false", "--work-dir", str(work), "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [(r["size"], r["heads"], r["rows"], r["epochs"]) for r in report["rows"]] == [("fake:64", 1, 64, 2),
+                                                                                         ("fake:64", 2, 64, 2)]
+    assert all(r["seconds"] > 0 and r["extract_seconds"] > 0 for r in report["rows"]), "timed, after one extraction"
+    assert report["rows"][0]["over_grid1"] == 1.0
+    assert "x grid of 1" in bench_head_grid.format_table(report["rows"]) and not work.exists()

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.bench.report import write_report
+from finetune.bench.report import text_table, write_report
 
 MB = 2**20
 
@@ -96,10 +96,8 @@ def in_process_figures(args, size: int, cache_dir: Path, out_dir: Path) -> dict:
     """Open time, hit setup time, and head throughput from the map against RAM, on the entries of `size`."""
     import lightning as L
     import torch
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
 
-    from finetune.config import CONFIG_DIR
+    from finetune.config import compose_config
     from finetune.data.features.cache import FeatureCache
     from finetune.build import build
 
@@ -112,9 +110,7 @@ def in_process_figures(args, size: int, cache_dir: Path, out_dir: Path) -> dict:
     del mapped
 
     overrides = run_command(args, size, cache_dir, out_dir)[3:-1]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*overrides, f"paths.output_dir={out_dir}"])
+    cfg = compose_config([*overrides, f"paths.output_dir={out_dir}"])
 
     class EpochRates(L.Callback):
         """Training samples per second of each epoch (validation is off)."""
@@ -186,9 +182,7 @@ def format_table(rows: list[dict]) -> str:
     body = [[f"{r['size']:,}", r["run"], f"{r['peak_rss_mb']:,.0f}", f"{r['peak_anon_rss_mb']:,.0f}",
              "" if r["extract_seconds"] is None else f"{r['extract_seconds']:.1f}", f"{r['wall_seconds']:.1f}",
              str(r["cache_hit"])] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
-    line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(headers), "-+-".join("-" * w for w in widths), *map(line, body)])
+    return text_table(headers, body)
 
 
 def growth_per_100k(rows: list[dict], run: str, field: str) -> float | None:

@@ -4,6 +4,7 @@
     finetune-bench cache                 the feature cache as the dataset grows (finetune.bench.cache)
     finetune-bench loader                a JPEG folder: the PIL path against the decode-once store (finetune.bench.loader)
     finetune-bench storage               the store's library, chosen by measurement (finetune.bench.storage)
+    finetune-bench head_grid             a grid of 1 to 64 heads on cached features, at two sizes (finetune.bench.head_grid)
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUBCOMMANDS = {"cache": "finetune.bench.cache", "loader": "finetune.bench.loader", "storage": "finetune.bench.storage"}
+SUBCOMMANDS = {"cache": "finetune.bench.cache", "loader": "finetune.bench.loader", "storage": "finetune.bench.storage",
+               "head_grid": "finetune.bench.head_grid"}
 
 
 def main(argv=None) -> None:

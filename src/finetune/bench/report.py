@@ -1,4 +1,5 @@
-"""The one report writer of the benchmarks: each writes its JSON the same way and removes its scratch folder."""
+"""The one report writer of the benchmarks: each prints its table and writes its JSON the same way and removes its
+scratch folder."""
 
 from __future__ import annotations
 
@@ -15,3 +16,10 @@ def write_report(report: dict, out: str, work_dir: Path | None = None) -> dict:
     if work_dir is not None:
         shutil.rmtree(work_dir, ignore_errors=True)
     return report
+
+
+def text_table(headers: list[str], body: list[list[str]]) -> str:
+    """A plain-text table: a header line, a rule, one line per row, columns padded to their widest cell."""
+    widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(headers)]
+    line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))
+    return "\n".join([line(headers), "-+-".join("-" * w for w in widths), *map(line, body)])

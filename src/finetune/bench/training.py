@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.backbones import efficientnet_lite0
 from finetune.backbones import timm as timm_backbones
-from finetune.bench.report import write_report
+from finetune.bench.report import text_table, write_report
 from finetune.callbacks import FreezeAudit
 from finetune.callbacks.run_meter import peak_memory_mb, reset_peak_memory
 from finetune.config import build_strategy, strategy_names
@@ -303,9 +303,7 @@ def format_table(rows: list[dict]) -> str:
              "" if r["memory_vs_full"] is None else f"{100 * r['memory_vs_full']:.0f}%",
              "" if r["naive_samples_per_second"] is None else f"{r['naive_samples_per_second']:,.0f}",
              "" if r["speedup_over_naive"] is None else f"{r['speedup_over_naive']:.2f}x"] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
-    line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(headers), "-+-".join("-" * w for w in widths), *map(line, body)])
+    return text_table(headers, body)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

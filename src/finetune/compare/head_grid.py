@@ -12,6 +12,7 @@ costs one pass over the features for all K. The test split is never extracted, l
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from finetune.build import build
 from finetune.config import instantiate
 from finetune.data.features import identity as entry_identity
 from finetune.errors import ConfigError
+from finetune.heads import LinearHead
 from finetune.optim import param_groups, phased_schedule
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,11 @@ def grid_trainer(cfg: DictConfig) -> L.Trainer:
                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
-def grid_optimizer(module, heads: nn.ModuleList, grid: Sequence[dict]) -> torch.optim.Optimizer:
+def grid_optimizer(module, heads: nn.ModuleList, grid: Sequence[dict], fused: bool) -> torch.optim.Optimizer:
     """cfg.optimizer's class over every head: each head's groups carry its lr and weight decay, split as the real run
-    splits them (optim.param_groups: biases and other 1-D parameters without decay, lr_mult for `head` applied)."""
+    splits them (optim.param_groups: biases and other 1-D parameters without decay, lr_mult for `head` applied).
+    fused: torch's fused kernel where the class has one, one call per group instead of one per operation and tensor
+    (the per-group loop is most of a wide grid's step); the update is the same up to rounding."""
     groups = []
     for index, (head, setting) in enumerate(zip(heads, grid)):
         named = [(f"head.{name}", param) for name, param in head.named_parameters()]
@@ -72,12 +76,43 @@ def grid_optimizer(module, heads: nn.ModuleList, grid: Sequence[dict]) -> torch.
         for group in head_groups:
             group["name"] = f"grid{index}/{group['name']}"
         groups += head_groups
-    return module.optimizer_factory(groups)
+    factory = module.optimizer_factory
+    if fused and "fused" in inspect.signature(getattr(factory, "func", factory)).parameters:
+        return factory(groups, fused=True)
+    return factory(groups)
 
 
-def fit_head_grid(cfg: DictConfig, grid: list[dict[str, float]], *, epochs: int | None = None) -> dict:
+def linear_layers(heads: nn.ModuleList) -> list[nn.Linear] | None:
+    """The heads' Linear layers when every head is a LinearHead without dropout, so that one matmul over their
+    concatenated weights computes every head's logits; None otherwise (each head then runs as its own module)."""
+    if all(isinstance(head, LinearHead) and isinstance(head[0], nn.Identity) for head in heads):
+        return [head[-1] for head in heads]
+    return None
+
+
+def grid_logits(heads: nn.ModuleList, linears: list[nn.Linear] | None, features: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, classes]. Linear heads: one matmul over the concatenated weights (a head-sized matmul each
+    costs more in calls than in arithmetic), whose gradient still reaches each head's own parameters; any other
+    head (MLP, dropout) as its own module, so it draws its own dropout masks."""
+    if linears is None:
+        return torch.stack([head(features) for head in heads], dim=1)
+    weight = torch.cat([linear.weight for linear in linears])
+    bias = torch.cat([linear.bias for linear in linears])
+    return F.linear(features, weight, bias).view(len(features), len(linears), -1)
+
+
+def head_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each head's summed cross-entropy over the batch, [heads], from logits [batch, heads, classes]."""
+    batch, count = logits.shape[:2]
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat_interleave(count), reduction="none")
+    return losses.view(batch, count).sum(0)
+
+
+def fit_head_grid(cfg: DictConfig, grid: list[dict[str, float]], *, epochs: int | None = None,
+                  fused: bool = True) -> dict:
     """Train one head per {"lr", "weight_decay"} of `grid` together on the cached features of `cfg` (a composed
-    finetune-train config with strategy=cached) for `epochs` (None: cfg.trainer.max_epochs).
+    finetune-train config with strategy=cached) for `epochs` (None: cfg.trainer.max_epochs). fused=False keeps the
+    optimizer's default kernel, as the real run uses it (bitwise the run, where fused differs by rounding).
 
     Returns {"heads": [{"lr", "weight_decay", "val_acc": [per epoch], "val_loss": [per epoch], "best_val_acc",
     "best_epoch"} in grid order], "seconds": the grid fit's wall time, "extract_seconds": feature extraction's (0
@@ -93,8 +128,9 @@ def fit_head_grid(cfg: DictConfig, grid: list[dict[str, float]], *, epochs: int 
     device = trainer.strategy.root_device
     # every head a copy of the run's freshly built head: head k alone is the run with (lr_k, wd_k)
     heads = nn.ModuleList(copy.deepcopy(module.head) for _ in grid).to(device)
+    linears = linear_layers(heads)
     train_loader, val_loader = datamodule.train_dataloader(), datamodule.val_dataloader()
-    optimizer = grid_optimizer(module, heads, grid)
+    optimizer = grid_optimizer(module, heads, grid, fused)
     # the run's schedule: module.configure_optimizers' for a single phase, over trainer.estimated_stepping_batches
     scheduler = phased_schedule(optimizer, epochs * len(train_loader), module.schedule_shape)
     autocast = entry_identity.extraction_mode(device, str(trainer.precision))["autocast"]
@@ -109,16 +145,14 @@ def fit_head_grid(cfg: DictConfig, grid: list[dict[str, float]], *, epochs: int 
         for batch in train_loader:
             features, labels = datamodule.on_after_batch_transfer(to_device(batch, device), 0)
             with precision:
-                # one cross-entropy per head, summed: each head is cfg.head's own module (linear or MLP, its dropout)
-                # and gets exactly the gradient it gets alone; one batched matmul would serve linear heads only and
-                # differ from a lone head in the last bits
-                loss = sum(F.cross_entropy(head(features), labels) for head in heads)
+                # the sum of the heads' mean cross-entropies: each head's parameters get its own loss's gradient only
+                loss = head_losses(grid_logits(heads, linears, features), labels).sum() / len(labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-        accuracy, mean_loss = evaluate(heads, val_loader, datamodule, device, precision)
+        accuracy, mean_loss = evaluate(heads, linears, val_loader, datamodule, device, precision)
         val_acc.append(accuracy)
         val_loss.append(mean_loss)
         best = max(range(len(grid)), key=lambda k: accuracy[k])
@@ -137,7 +171,7 @@ def to_device(batch, device: torch.device):
 
 
 @torch.inference_mode()
-def evaluate(heads: nn.ModuleList, loader, datamodule, device: torch.device, precision) -> tuple[list, list]:
+def evaluate(heads: nn.ModuleList, linears, loader, datamodule, device: torch.device, precision) -> tuple[list, list]:
     """Every head's accuracy and mean cross-entropy over the val split, read back once."""
     heads.eval()
     correct = torch.zeros(len(heads), device=device, dtype=torch.float64)
@@ -146,9 +180,9 @@ def evaluate(heads: nn.ModuleList, loader, datamodule, device: torch.device, pre
     for batch in loader:
         features, labels = datamodule.on_after_batch_transfer(to_device(batch, device), 0)
         with precision:
-            logits = [head(features) for head in heads]
-        correct += torch.stack([(out.argmax(-1) == labels).sum() for out in logits])
-        total_loss += torch.stack([F.cross_entropy(out.float(), labels, reduction="sum") for out in logits])
+            logits = grid_logits(heads, linears, features)
+        correct += (logits.argmax(-1) == labels[:, None]).sum(0)
+        total_loss += head_losses(logits, labels)
         samples += len(labels)
     return (correct / samples).tolist(), (total_loss / samples).tolist()
 
