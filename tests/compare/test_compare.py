@@ -445,13 +445,13 @@ def test_compare_on_slurm_composes_the_submitit_sweep(tmp_path, monkeypatch):
     commands = []
     monkeypatch.setattr(compare, "run_sweep", lambda command: commands.append(command) or 1)
     result = run_main("finetune.compare.cli", *TINY, "compare.strategies=[freeze,full]", "compare.seeds=[1,2]",
-                      "compare.tune.trials=0", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", f"hydra.run.dir={tmp_path}",
-                      cwd=tmp_path)
+                      "compare.tune.trials=0", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                      f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode == 2 and "every run failed" in result.stderr  # nothing ran: no cluster here
     command = commands[0]
-    assert command[1:6] == ["-m", "finetune.train", "-m", "strategy=freeze,full", "seed=1,2"]
+    assert command[1:4] == ["-m", "finetune.train", "-m"] and {"strategy=freeze,full", "seed=1,2"} <= set(command)
     assert "hydra/launcher=slurm" in command and "hydra.launcher.partition=gpu" in command
-    overrides = [o for o in command[5:] if not o.startswith(("hydra.sweep", "seed="))]
+    overrides = [o for o in command[4:] if not o.startswith(("hydra.sweep", "seed="))]
     config = compose_config(tmp_path, [o for o in overrides if not o.startswith("strategy=")] + ["strategy=full"],
                             return_hydra=True)
     assert config.hydra.launcher._target_.endswith("SlurmLauncher") and config.hydra.launcher.partition == "gpu"

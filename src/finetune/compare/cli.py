@@ -23,10 +23,10 @@ from omegaconf import DictConfig
 
 from finetune.compare import tune
 from finetune.compare.decide import BEST_VAL, DEFAULT_MARGIN_POINTS
-from finetune.config import CONFIG_DIR, config_dir_flags
-from finetune.run.failures import report_user_errors
-from finetune.errors import ConfigError
 from finetune.compare.report import collect_runs, format_text, succeeded, write_report
+from finetune.config import CONFIG_DIR, config_dir_flags
+from finetune.errors import ConfigError
+from finetune.run.failures import report_user_errors
 
 log = logging.getLogger("finetune")
 OWN_KEYS = ("from", "hydra.", "hydra/", "compare.", "strategy=", "task_name")

@@ -6,9 +6,9 @@ import csv
 import math
 from pathlib import Path
 
-from finetune.run import folders
 from finetune.compare.decide import BEST_VAL, DEFAULT_MARGIN_POINTS, decide
 from finetune.compare.tune import shown, tuning_seconds
+from finetune.run import folders
 
 COLUMNS = [  # (key of a strategy's row: metrics.json's, averaged over seeds, or decide's; column header, format)
     ("strategy", "strategy", "{}"),

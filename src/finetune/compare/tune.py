@@ -97,7 +97,9 @@ def checked_space(strategy: str, cfg: DictConfig) -> dict[str, str]:
     inherits) left out; refused in one line when a key names no config field or a range is empty or inverted."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import distribution_from_override
+    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import (
+        distribution_from_override,
+    )
 
     raw = cfg.get("search_space")
     if raw is None:
@@ -213,8 +215,12 @@ def optuna_trials(sweep_dir: Path) -> tuple[dict, list[dict], bool]:
     import yaml
 
     from finetune.search.pruning import open_storage
-    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import (JOURNAL_FILE, RESULTS_FILE, RUN_DIR_ATTR,
-                                                                       counts_toward_n_trials)
+    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import (
+        JOURNAL_FILE,
+        RESULTS_FILE,
+        RUN_DIR_ATTR,
+        counts_toward_n_trials,
+    )
 
     results = yaml.safe_load((sweep_dir / RESULTS_FILE).read_text())
     study = optuna.load_study(study_name=results["study_name"], storage=open_storage(str(sweep_dir / JOURNAL_FILE)))
