@@ -248,6 +248,9 @@ def test_compare_from_cli_on_an_existing_multirun(tmp_path):
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "cached" in result.stdout and (tmp_path / "out" / "comparison.png").exists()
+    # a sweep (or a comparison from before tuning) has no tune/ folder: no tuning section, no tuning columns filled
+    assert "## Tuning" not in (tmp_path / "out" / "comparison.md").read_text()
+    assert not (tmp_path / "out" / "tuning.png").exists()
 
 
 @pytest.mark.parametrize("problem", ["unpaired split", "repeated seed", "short file", "shifted indices",

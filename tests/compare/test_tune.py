@@ -177,3 +177,8 @@ def test_a_tuned_comparison_tests_only_its_final_runs(tmp_path, monkeypatch):
     rows = {r["strategy"]: r for r in __import__("csv").DictReader(open(out / "comparison.csv"))}
     assert float(rows["freeze"]["cost_with_tuning_seconds"]) > float(rows["freeze"]["cost_seconds"])
     assert rows["freeze"]["tuned"].startswith("optimizer.lr=")
+    # the same report, tuning included, from the finished folder
+    again = run_main("finetune.compare.cli", f"from={out}", f"hydra.run.dir={tmp_path / 'report'}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "## Tuning" in (tmp_path / "report" / "comparison.md").read_text()
+    assert (tmp_path / "report" / "tuning.png").exists()
