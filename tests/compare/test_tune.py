@@ -182,3 +182,45 @@ def test_a_tuned_comparison_tests_only_its_final_runs(tmp_path, monkeypatch):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "## Tuning" in (tmp_path / "report" / "comparison.md").read_text()
     assert (tmp_path / "report" / "tuning.png").exists()
+
+
+def test_a_key_the_user_sets_is_pinned_not_tuned(tmp_path):
+    plan = tune.plan_of("freeze", strategy_cfg(tmp_path, "freeze", "optimizer.lr=0.05"), ("optimizer.lr",))
+    assert "optimizer.lr" not in plan.space and plan.pinned == {"optimizer.lr": "0.05"}
+    assert list(plan.space) == ["optimizer.weight_decay"]
+
+
+def test_the_configured_values_are_tried_first_and_staged_knobs_are_not_pruned_before_their_phase(tmp_path):
+    freeze = tune.plan_of("freeze", strategy_cfg(tmp_path, "freeze"))
+    assert freeze.configured == {"optimizer.lr": 0.01, "optimizer.weight_decay": 0.01} and freeze.warmup_epochs == 0
+    command = tune.optuna_command(freeze, tune.Budget(4, None, 0, "median"), ["train"], {}, tmp_path, 1)
+    assert "hydra.sweeper.enqueue=[{optimizer.lr:0.01,optimizer.weight_decay:0.01}]" in command
+    assert "hydra.sweeper.pruner=median" in command
+    lp_ft = tune.plan_of("lp_ft", strategy_cfg(tmp_path, "lp_ft"))
+    assert lp_ft.warmup_epochs == 10, "the fine-tuning lr acts from epoch 10 (after the 10 probe epochs)"
+    command = tune.optuna_command(lp_ft, tune.Budget(4, None, 0, "median"), ["train"], {"strategy.probe_lr": 0.02},
+                                  tmp_path, 1)
+    assert "hydra.sweeper.pruner={_target_:optuna.pruners.MedianPruner,n_warmup_steps:10}" in command
+    assert "strategy.probe_lr=0.02" in command and not any(w.startswith("strategy.probe_lr=tag") for w in command)
+    assert tune.plan_of("gradual", strategy_cfg(tmp_path, "gradual")).warmup_epochs == 3
+    # a probe on images is not a head on cached features: all of lp_ft tunes with Optuna then
+    assert tune.plan_of("lp_ft", strategy_cfg(tmp_path, "lp_ft", "strategy.probe_on=images")).method == "optuna"
+
+
+def test_the_extraction_the_tuning_paid_is_charged_once_to_every_cache_reader(tmp_path):
+    """The head grid extracted train and val (8 s) during tuning, a final run the test split (2 s): every cache
+    reader is charged 10 s, not the 2 s the final runs saw, nor 0."""
+    from finetune.compare.decide import decide
+    from finetune.compare.report import collect_runs
+
+    generator = np.random.default_rng(1)
+    for seed in (1, 2):
+        correct = generator.random(300) < 0.9
+        run = fake_run(tmp_path / f"cached_seed{seed}", "cached", seed, correct, 1.0, 100, val=0.9)
+        run.update(extract_seconds=2.0 if seed == 1 else 0.0, cache_hit=seed != 1)
+        (tmp_path / f"cached_seed{seed}" / "metrics.json").write_text(json.dumps(run))
+        fake_run(tmp_path / f"full_seed{seed}", "full", seed, correct, 50.0, 10000, val=0.95)
+    decision = decide(collect_runs(tmp_path), tuning_extract_seconds=8.0)
+    assert decision["extraction_seconds"] == 10.0
+    assert decision["strategies"]["cached"]["fit_cost_seconds"] == 11.0
+    assert decide(collect_runs(tmp_path))["extraction_seconds"] == 2.0

@@ -153,15 +153,20 @@ def tune_all(strategies: list[str], cfg: DictConfig, budget: tune.Budget, output
                           f"install 'finetune[search]' (or compare.tune.trials=0: every strategy as configured)")
     # every config composed and every space checked before the first trial runs
     configs = {s: strategy_config(s) for s in strategies}
-    plans = {s: tune.plan_of(s, configs[s]) for s in strategies}
+    # a key the user set on the command line stays as given (not tuned): the user's value wins over the space
+    typed = {o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task if "=" in o}
+    plans = {s: tune.plan_of(s, configs[s], tuple(typed)) for s in strategies}
+    for strategy, plan in plans.items():
+        if plan.pinned:
+            log.info("tune %s: %s set by your overrides, not tuned", strategy, ", ".join(plan.pinned))
     cached = {s: configs[s] if strategy_is_cached(configs[s]) else cached_config_for(configs[s])
               for s, plan in plans.items() if plan.grid_keys}
-    bases = {s: train_command(cfg, tuple(plan.space)) for s, plan in plans.items()}
+    bases = {s: train_command(cfg, tuple(plan.space)) for s, plan in plans.items()}  # the space's keys: the trials
     jobs = int(cfg.compare.get("jobs", 1))
     records = {}
     for strategy, plan in plans.items():
         if plan.method == "untuned":
-            records[strategy] = tune.untuned_record(strategy, budget, output_dir)
+            records[strategy] = tune.untuned_record(strategy, budget, output_dir, plan.pinned)
             continue
         records[strategy] = tune.tune_strategy(plan, configs[strategy], cached.get(strategy), budget, bases[strategy],
                                                output_dir, jobs, run=lambda command: run_sweep(command))

@@ -85,13 +85,14 @@ def paired_tables(runs: list[dict]) -> tuple[dict, dict]:
     return correct, loaded
 
 
-def extraction_charge(runs: list[dict]) -> float:
-    """One feature extraction's seconds: the mean over the runs that extracted (missed the cache), else the largest
-    recorded (the features were extracted before this comparison, and its time is unknown: 0)."""
+def extraction_charge(runs: list[dict], paid_in_tuning: float = 0.0) -> float:
+    """One feature extraction's seconds: what the tuning paid for it (the head grid extracts train and val) plus the
+    mean over the runs that extracted the rest (missed the cache); with neither, the largest recorded (the features
+    were extracted before this comparison, and its time is unknown: 0)."""
     missed = [float(r["extract_seconds"]) for r in runs if r.get("extract_seconds") is not None
               and r.get("cache_hit") is False]
-    if missed:
-        return float(np.mean(missed))
+    if missed or paid_in_tuning:
+        return paid_in_tuning + (float(np.mean(missed)) if missed else 0.0)
     return max([float(r.get("extract_seconds") or 0.0) for r in runs if "extract_seconds" in r], default=0.0)
 
 
@@ -118,10 +119,12 @@ def test_order(cost: dict[str, float], reference: str) -> list[str]:
 
 
 def decide(runs: list[dict], margin_points: float = DEFAULT_MARGIN_POINTS, reference: str = BEST_VAL,
-           alpha: float = 0.05, tuning_seconds: dict[str, float] | None = None) -> dict:
+           alpha: float = 0.05, tuning_seconds: dict[str, float] | None = None,
+           tuning_extract_seconds: float = 0.0) -> dict:
     """Per strategy (accuracy and interval, difference to the reference and its interval, verdict, cost) and the
     recommendation lines. `tuning_seconds`: what each strategy's tuning cost (compare.tune); the cost that orders
-    the tests and picks the recommendation counts it."""
+    the tests and picks the recommendation counts it. `tuning_extract_seconds`: feature extraction the tuning paid
+    (part of the one extraction charged to every cache reader)."""
     if not runs:
         return {"strategies": {}, "lines": ["no run finished: nothing to compare"]}
     check_runs(runs)
@@ -129,7 +132,7 @@ def decide(runs: list[dict], margin_points: float = DEFAULT_MARGIN_POINTS, refer
     runs_of: dict[str, list[dict]] = {}
     for run in runs:
         runs_of.setdefault(run["strategy"], []).append(run)
-    charge = extraction_charge(runs)
+    charge = extraction_charge(runs, tuning_extract_seconds)
     fit_cost = {s: float(np.mean([float(r.get("fit_seconds") or 0.0) for r in group]))
                 + (charge if any("extract_seconds" in r for r in group) else 0.0) for s, group in runs_of.items()}
     tuned = tuning_seconds or {}

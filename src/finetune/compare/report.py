@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from finetune.compare.decide import BEST_VAL, DEFAULT_MARGIN_POINTS, decide
-from finetune.compare.tune import shown, tuning_seconds
+from finetune.compare.tune import extraction_seconds, shown, tuning_seconds
 from finetune.run import folders
 
 COLUMNS = [  # (key of a strategy's row: metrics.json's, averaged over seeds, or decide's; column header, format)
@@ -117,7 +117,7 @@ def summarise(rows: list[dict], alpha: float = 0.05, margin_points: float = DEFA
     (reference, recommendation lines), the failed runs and each strategy's tuning (tune.py's tuning.json)."""
     tunings = tunings or {}
     seconds = {strategy: tuning_seconds(record) for strategy, record in tunings.items()} if tunings else None
-    decision = decide(succeeded(rows), margin_points, reference, alpha, seconds)
+    decision = decide(succeeded(rows), margin_points, reference, alpha, seconds, extraction_seconds(tunings))
     strategies = by_strategy(rows, decision)
     for row in strategies:
         record = tunings.get(row["strategy"])
@@ -145,17 +145,22 @@ def tuning_markdown(tunings: dict[str, dict]) -> str:
     """The report's tuning section: per strategy how it was tuned, what was chosen, what it cost."""
     if not tunings:
         return ""
-    first = next(iter(tunings.values()))
-    cap = f", at most {first['max_minutes']:g} minutes each" if first.get("max_minutes") else ""
+    first = next((r for r in tunings.values() if "seed" in r), next(iter(tunings.values())))
+    cap = f", within {first['max_minutes']:g} minutes each" if first.get("max_minutes") else ""
     lines = ["", "## Tuning (on val; the test split untouched until the runs above)", "",
-             f"Every strategy with a search_space tried {first['trials_budget']} configurations{cap} at seed "
-             f"{first.get('seed')} (not a test seed); the best val accuracy's configuration ran the seeded test "
-             f"runs. Figure: tuning.png.", "",
+             f"Every strategy with a search_space had {first['trials_budget']} trials{cap} at seed "
+             f"{first.get('seed')} (not a test seed), the configured values first; a head-only search (head_grid) "
+             f"tries its {first['trials_budget']} heads in one pass, lp_ft's probe grid comes before its Optuna "
+             f"trials. The best val accuracy's configuration ran the seeded test runs. Figure: tuning.png.", "",
              "| strategy | method | trials run | pruned | failed | best val acc | chosen | tuning wall s | "
              "tuning training s |", "|---|---|---|---|---|---|---|---|---|"]
     for strategy, r in tunings.items():
         best = "-" if r.get("best_val_acc") is None else f"{r['best_val_acc']:.4f}"
-        chosen = f"`{shown(r['chosen'])}`" if r.get("chosen") else "untuned (no search_space)"
+        chosen = f"`{shown(r['chosen'])}`" if r.get("chosen") else r.get("reason", "untuned (no search_space)")
+        if r.get("timed_out"):
+            chosen += " (stopped by compare.tune.max_minutes)"
+        if r.get("pinned"):
+            chosen += f"; set by you: {shown(r['pinned'])}"
         lines.append(f"| {strategy} | {r['method']} | {r['run']} | {r['pruned']} | {r['failed']} | {best} | "
                      f"{chosen} | {r['wall_seconds']:.1f} | {r['device_seconds']:.1f} |")
     return "\n".join(lines) + "\n"

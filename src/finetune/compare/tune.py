@@ -21,7 +21,7 @@ import math
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,12 @@ class Plan:
     space: dict[str, str]
     grid_keys: dict[str, str]  # config key -> "lr" | "weight_decay"
     grid_epochs_key: str = "trainer.max_epochs"
+    # the space's keys the user's overrides fix: not tuned, the user's value kept
+    pinned: dict[str, str] = field(default_factory=dict)
+    # epochs before the pruner may stop a trial: until every phase (and so every tuned key) has started
+    warmup_epochs: int = 0
+    # the configured value of every key, where it lies in the space: tried first
+    configured: dict = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -141,17 +147,54 @@ def checked_space(strategy: str, cfg: DictConfig) -> dict[str, str]:
     return space
 
 
-def plan_of(strategy: str, cfg: DictConfig) -> Plan:
+def plan_of(strategy: str, cfg: DictConfig, pinned_keys: tuple[str, ...] = ()) -> Plan:
+    """What `strategy` tunes and how; `pinned_keys`: the keys the user's overrides set (they stay as given)."""
     from hydra.utils import get_class
 
     space = checked_space(strategy, cfg)
+    pinned = {k: str(OmegaConf.select(cfg, k)) for k in space if k in pinned_keys}
+    space = {k: v for k, v in space.items() if k not in pinned}
     strategy_class = get_class(cfg.strategy._target_)
-    grid = {k: v for k, v in getattr(strategy_class, "head_grid_keys", {}).items() if k in space}
+    grid = {}
+    if getattr(strategy_class, "head_grid_applies", lambda strategy_cfg: True)(cfg.strategy):
+        grid = {k: v for k, v in getattr(strategy_class, "head_grid_keys", {}).items() if k in space}
     for key in grid:
         if not space[key].replace(" ", "").startswith(("tag(log,interval(", "interval(")):
             raise ConfigError(f"strategy {strategy}: search_space {key}: {space[key]}: the head grid tries numbers "
                               f"in a range; give interval(low, high) or tag(log, interval(low, high))")
-    return Plan(strategy, space, grid, getattr(strategy_class, "head_grid_epochs_key", "trainer.max_epochs"))
+    return Plan(strategy, space, grid, getattr(strategy_class, "head_grid_epochs_key", "trainer.max_epochs"), pinned,
+                warmup_epochs(cfg), configured_values(cfg, space))
+
+
+def warmup_epochs(cfg: DictConfig) -> int:
+    """The epoch the strategy's last phase starts at (0 for one phase): a staged strategy's later knobs (lp_ft's
+    fine-tuning lr, a phase's lr) change nothing before it, so pruning before it would judge noise."""
+    from hydra.utils import instantiate
+
+    try:
+        strategy = instantiate(cfg.strategy)
+        return int(strategy.phase_start_epochs()[-1])
+    except Exception:  # a strategy that cannot be built here (an optional package): prune from the start
+        return 0
+
+
+def configured_values(cfg: DictConfig, space: dict[str, str]) -> dict:
+    """{key: the config's own value} for the keys whose value lies in their range: the tuning tries it first, so
+    the tuned choice is never worse on val than the configuration as shipped (at the tuning seed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import distribution_from_override
+
+    values = {}
+    for key, value in space.items():
+        distribution = distribution_from_override(OverridesParser.create().parse_overrides([f"{key}={value}"])[0])
+        current = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        if isinstance(current, (int, float)) and not isinstance(current, bool) and hasattr(distribution, "low"):
+            if distribution.low <= current <= distribution.high:
+                values[key] = current
+        elif hasattr(distribution, "choices") and current in distribution.choices:
+            values[key] = current
+    return values
 
 
 # -- the head grid: `trials` heads at once on the cached features
@@ -181,6 +224,9 @@ def run_head_grid(plan: Plan, cfg: DictConfig, cached_cfg: DictConfig, budget: B
 
     space = {k: plan.space[k] for k in plan.grid_keys}
     points = latin_hypercube(space, budget.trials, budget.seed)
+    configured = {k: plan.configured[k] for k in space if k in plan.configured}
+    if len(configured) == len(space):  # the configuration as shipped is one of the heads
+        points[0] = {k: float(v) for k, v in configured.items()}
     fixed = {"lr": float(cfg.optimizer.lr), "weight_decay": float(cfg.optimizer.weight_decay)}
     grid = [fixed | {plan.grid_keys[k]: v for k, v in point.items()} for point in points]
     with_seed = cached_cfg.copy()
@@ -196,13 +242,21 @@ def run_head_grid(plan: Plan, cfg: DictConfig, cached_cfg: DictConfig, budget: B
 # -- Optuna: a `finetune-train -m hydra/sweeper=optuna test=false` sweep per strategy
 
 
-def optuna_command(plan: Plan, budget: Budget, base: list[str], fixed: dict, sweep_dir: Path, jobs: int) -> list[str]:
-    space = [f"{k}={v}" for k, v in plan.space.items() if k not in plan.grid_keys]
-    cap = [f"hydra.sweeper.timeout={60 * budget.max_minutes:g}"] if budget.max_minutes else []
+def optuna_command(plan: Plan, budget: Budget, base: list[str], fixed: dict, sweep_dir: Path, jobs: int,
+                   seconds_left: float | None = None) -> list[str]:
+    keys = [k for k in plan.space if k not in plan.grid_keys]
+    space = [f"{k}={plan.space[k]}" for k in keys]
+    cap = [f"hydra.sweeper.timeout={max(seconds_left, 1.0):.0f}"] if seconds_left is not None else []
+    pruner = budget.pruner
+    if pruner == "median" and plan.warmup_epochs:
+        pruner = f"{{_target_:optuna.pruners.MedianPruner,n_warmup_steps:{plan.warmup_epochs}}}"
+    first = {k: plan.configured[k] for k in keys if k in plan.configured}
+    enqueue = ([f"hydra.sweeper.enqueue=[{{{','.join(f'{k}:{v!r}' for k, v in first.items())}}}]"]
+               if len(first) == len(keys) else [])
     return [*base, f"strategy={plan.strategy}", f"seed={budget.seed}", "test=false", f"optimized_metric={OPTIMIZED}",
             *[f"{k}={v}" for k, v in fixed.items()], *space, "hydra/sweeper=optuna",
             "hydra.sweeper.direction=maximize", f"hydra.sweeper.n_trials={budget.trials}",
-            f"hydra.sweeper.n_jobs={jobs}", f"hydra.sweeper.pruner={budget.pruner}",
+            f"hydra.sweeper.n_jobs={jobs}", f"hydra.sweeper.pruner={pruner}", *enqueue,
             f"hydra.sweeper.sampler.seed={budget.seed}", f"hydra.sweeper.study_name=tune_{plan.strategy}",
             "hydra.sweeper.max_failure_rate=1.0", *cap, f"hydra.sweep.dir={sweep_dir}",
             "hydra.sweep.subdir=trial${hydra.job.num}"]
@@ -254,6 +308,8 @@ def tune_strategy(plan: Plan, cfg: DictConfig, cached_cfg: DictConfig | None, bu
     record = {"strategy": plan.strategy, "method": plan.method, "trials_budget": budget.trials,
               "max_minutes": budget.max_minutes, "seed": budget.seed, "pruner": budget.pruner, "space": plan.space,
               "chosen": {}, "trials": [], "timed_out": False}
+    if plan.pinned:
+        record["pinned"] = plan.pinned
     started = time.perf_counter()
     device_seconds = extract_seconds = 0.0
     if plan.grid_keys:
@@ -265,15 +321,17 @@ def tune_strategy(plan: Plan, cfg: DictConfig, cached_cfg: DictConfig | None, bu
         log.info("tune %s: head grid of %d in %.1fs, chosen %s", plan.strategy, len(trials), result["seconds"], chosen)
     if "optuna" in plan.method:
         sweep_dir = folder / "optuna"
-        command = optuna_command(plan, budget, base, record["chosen"], sweep_dir, jobs)
+        left = 60 * budget.max_minutes - (time.perf_counter() - started) if budget.max_minutes else None
+        command = optuna_command(plan, budget, base, record["chosen"], sweep_dir, jobs, left)
         code = run(command)
         if not (sweep_dir / "optimization_results.yaml").exists():
-            raise ConfigError(f"tuning {plan.strategy} ended (exit {code}) without a result; see the train.log files "
-                              f"under {sweep_dir}")
+            return failed_record(record, folder, f"its Optuna sweep ended (exit {code}) without a result; see the "
+                                                 f"train.log files under {sweep_dir}")
         best, trials, record["timed_out"] = optuna_trials(sweep_dir)
         if not best:
-            raise ConfigError(f"tuning {plan.strategy}: none of its {len(trials)} trials finished; see the train.log "
-                              f"files under {sweep_dir}")
+            record["trials"] += trials
+            return failed_record(record, folder, f"none of its {len(trials)} trials finished; see the train.log "
+                                                 f"files under {sweep_dir}")
         record["chosen"].update(best)
         offset = len(record["trials"])
         record["trials"] += [t | {"number": offset + t["number"]} for t in trials]
@@ -291,11 +349,25 @@ def tune_strategy(plan: Plan, cfg: DictConfig, cached_cfg: DictConfig | None, bu
     return record
 
 
-def untuned_record(strategy: str, budget: Budget, output_dir: Path) -> dict:
+def failed_record(record: dict, folder: Path, reason: str) -> dict:
+    """A tuning that could not choose: the strategy runs as configured, and the report says why."""
+    log.warning("tune %s failed: %s; it runs as configured", record["strategy"], reason)
+    states = [t["state"] for t in record["trials"]]
+    record.update(method=f"{record['method']} (failed)", reason=f"tuning failed: {reason}", chosen={}, overrides=[],
+                  shown="", run=len(states), pruned=states.count("PRUNED"), failed=states.count("FAIL"),
+                  best_val_acc=None, wall_seconds=0.0, device_seconds=round(sum(
+                      float(t.get("fit_seconds") or 0.0) for t in record["trials"]), 3), extract_seconds=0.0)
+    (folder / TUNING_FILE).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def untuned_record(strategy: str, budget: Budget, output_dir: Path, pinned: dict | None = None) -> dict:
+    reason = ("your overrides set every key of its search_space: it runs as given" if pinned else
+              "its config has no search_space: it runs as configured")
     record = {"strategy": strategy, "method": "untuned", "trials_budget": budget.trials, "space": {}, "chosen": {},
               "trials": [], "run": 0, "pruned": 0, "failed": 0, "wall_seconds": 0.0, "device_seconds": 0.0,
-              "extract_seconds": 0.0, "overrides": [], "best_val_acc": None,
-              "reason": "its config has no search_space: it runs as configured"}
+              "extract_seconds": 0.0, "overrides": [], "best_val_acc": None, "reason": reason,
+              "seed": budget.seed, "max_minutes": budget.max_minutes, "pinned": pinned or {}}
     folder = output_dir / TUNE_DIR / strategy
     folder.mkdir(parents=True, exist_ok=True)
     (folder / TUNING_FILE).write_text(json.dumps(record, indent=1))
@@ -311,6 +383,12 @@ def read_tunings(folder: str | Path) -> dict[str, dict]:
     return found
 
 
+def extraction_seconds(tunings: dict[str, dict]) -> float:
+    """Feature extraction the tunings paid (the head grid's train and val entries, an Optuna trial's miss): part of
+    the one extraction every cache reader is charged, whoever paid it."""
+    return sum(float(r.get("extract_seconds") or 0.0) for r in tunings.values())
+
+
 def tuning_seconds(record: dict | None) -> float:
     """What a strategy's tuning cost in training time (device seconds; 0 when untuned)."""
     value = (record or {}).get("device_seconds")
@@ -324,7 +402,7 @@ def shown(chosen: dict) -> str:
 
 def describe(record: dict) -> str:
     """One line: what a strategy's tuning tried, what it chose and what it cost."""
-    if record["method"] == "untuned":
+    if record["method"] == "untuned" or not record.get("chosen"):
         return f"tune {record['strategy']}: untuned ({record.get('reason', 'no search_space')})"
     chosen = shown(record["chosen"])
     best = record.get("best_val_acc")

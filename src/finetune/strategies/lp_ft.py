@@ -14,6 +14,11 @@ class LinearProbeThenFinetune(GradualUnfreezing):
     head_grid_keys = {"strategy.probe_lr": "lr"}
     head_grid_epochs_key = "strategy.probe_epochs"
 
+    @staticmethod
+    def head_grid_applies(strategy_cfg) -> bool:
+        """The grid trains on cached features: a probe on images (probe_on=images) tunes with Optuna instead."""
+        return strategy_cfg.get("probe_on", "cached") == "cached"
+
     def __init__(self, probe_epochs: int = 10, probe_lr: float = 1e-2, finetune_lr: float = 1e-4,
                  modules: list[str] | None = None, train_bn: bool = False, freeze_bn_stats: bool = False,
                  probe_on: str = "cached",

@@ -63,6 +63,8 @@ class OptunaSweeperConf:
     n_jobs: int = 1
     # seconds after which this worker asks no new trial (those in flight finish); null: no limit
     timeout: Optional[float] = None
+    # parameter sets asked first when the study is new, e.g. [{optimizer.lr: 1e-3}] (the configured values)
+    enqueue: Optional[Any] = None
     # stop this worker when more than this fraction of its trials failed
     max_failure_rate: float = 0.0
     search_space: Optional[Dict[str, Any]] = None
@@ -166,8 +168,9 @@ class OptunaSweeper(Sweeper):
     def __init__(self, sampler: Any, direction: Any, storage: Optional[str], study_name: Optional[str],
                  n_trials: int, n_jobs: int, max_failure_rate: float, search_space: Optional[Any],
                  custom_search_space: Optional[str], params: Optional[Any], pruner: Any = "none",
-                 heartbeat_interval: int = 30, grace_period: int = 120, timeout: Optional[float] = None) -> None:
-        self.timeout = timeout
+                 heartbeat_interval: int = 30, grace_period: int = 120, timeout: Optional[float] = None,
+                 enqueue: Optional[Any] = None) -> None:
+        self.timeout, self.enqueue = timeout, enqueue
         self._deadline = math.inf
         self.sampler_config, self.direction, self.storage = sampler, direction, storage
         self.study_name, self.n_trials, self.n_jobs = study_name, n_trials, n_jobs
@@ -277,6 +280,9 @@ class OptunaSweeper(Sweeper):
                                     load_if_exists=True)
         self.study = study
         study.set_user_attr(PRUNER_ATTR, search["spec"])
+        if self.enqueue and not study.get_trials(deepcopy=False):
+            for params in OmegaConf.to_container(OmegaConf.create(list(self.enqueue))):
+                study.enqueue_trial(dict(params), skip_if_exists=True)
         self._fail_dead_trials()
         slots = int(self.n_jobs)
         if slots > 1 and isinstance(self.launcher, BasicLauncher):

@@ -30,7 +30,8 @@ class PhaseInputs(LightningDataModule):
         self.images.trainer = self.features.trainer = self.trainer
         self.images.setup(stage)  # under DDP every rank builds its share of an image store here
         if stage in ("fit", None):
-            self.features.setup(stage)
+            # the probe trains and validates on features; the test runs on images: no test entry to extract or read
+            self.features.setup(stage, splits=("train", "val"))
             # Lightning asks for the train and val loaders again at every epoch, so a phase boundary switches inputs
             self.trainer.reload_dataloaders_every_n_epochs = 1
 
