@@ -174,10 +174,15 @@ def test_ddp_ranks_split_the_store_build_and_train_as_one_process(tmp_path):
                      "strategy=freeze",
                      f"trainer={trainer}", "trainer.max_epochs=2",
                      "+callbacks.store._target_=tests.run.faults.RecordImageStore",
-                     "+callbacks.store.output_dir=${paths.output_dir}", f"hydra.run.dir={tmp_path / name}"]
-        runs[name] = start_cli("finetune.train", *overrides, cwd=tmp_path, log=tmp_path / f"{name}.log")
-    for name, process in runs.items():
-        assert process.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+                     "+callbacks.store.output_dir=${paths.output_dir}"]
+        if name == "ddp":  # the ranks need processes of their own
+            runs[name] = start_cli("finetune.train", *overrides, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path,
+                                   log=tmp_path / f"{name}.log")
+        else:  # the one process: this one, while the ranks run
+            (tmp_path / name).mkdir(exist_ok=True)
+            train(compose_config(tmp_path / name, overrides))
+    assert runs["ddp"].wait(timeout=600) == 0, (tmp_path / "ddp.log").read_text()[-3000:]
+    for name in ("ddp", "single"):
         # Lightning calls prepare_data at each stage (fit, then test), on local rank 0 only: never on rank 1
         assert (tmp_path / f"prepare_{name}.txt").read_text().split() == ["0", "0"], "prepare_data: rank 0 of the node"
     reports = [json.loads((tmp_path / "ddp" / f"store_rank{rank}.json").read_text()) for rank in (0, 1)]
