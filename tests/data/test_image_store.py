@@ -139,8 +139,10 @@ def test_killed_mid_epoch_with_random_augmentation_and_resumed_gives_the_uninter
                     "trainer.deterministic=true", "callbacks.last_checkpoint.every_n_train_steps=2",
                     f"data.num_workers={workers}")
     killed_dir = tmp_path / "killed"
-    killed = start_cli("finetune.train", *run, f"hydra.run.dir={killed_dir}", "+callbacks.kill._target_=tests.run.faults.KillAtStep",
-                       "+callbacks.kill.step=9", cwd=tmp_path, log=tmp_path / "killed.log")  # mid-epoch 2 (steps 5-9); last.ckpt holds step 8
+    # killed mid-epoch 2 (steps 5-9); last.ckpt holds step 8
+    killed = start_cli("finetune.train", *run, f"hydra.run.dir={killed_dir}",
+                       "+callbacks.kill._target_=tests.run.faults.KillAtStep", "+callbacks.kill.step=9", cwd=tmp_path,
+                       log=tmp_path / "killed.log")
     # the uninterrupted run in this process while the killed one runs in its own (SIGKILL needs a process of its own)
     (tmp_path / "straight").mkdir()
     train(compose_config(tmp_path / "straight", run))
