@@ -13,7 +13,7 @@ from finetune.data.storage.device_augment import crop_boxes, random_resized_crop
 from finetune.build import build
 from finetune.train import train
 from tests.conftest import TINY, compose_config, make_image_folder
-from tests.test_cli import run_cli, start_cli
+from tests.test_cli import start_cli
 
 BASE = [o for o in TINY if not o.startswith("data")]
 
@@ -138,16 +138,18 @@ def test_killed_mid_epoch_with_random_augmentation_and_resumed_gives_the_uninter
     run = image_run(root, "strategy=freeze", "data.augment=random_resized_crop", f"data.store={store}",
                     "trainer.deterministic=true", "callbacks.last_checkpoint.every_n_train_steps=2",
                     f"data.num_workers={workers}")
-    straight = start_cli("finetune.train", *run, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path,
-                         log=tmp_path / "straight.log")
     killed_dir = tmp_path / "killed"
-    killed = run_cli("finetune.train", *run, f"hydra.run.dir={killed_dir}", "+callbacks.kill._target_=tests.run.faults.KillAtStep",
-                     "+callbacks.kill.step=9", cwd=tmp_path)  # mid-epoch 2 (steps 5-9); last.ckpt holds step 8
-    assert killed.returncode == -9, killed.stderr[-3000:]
+    # killed mid-epoch 2 (steps 5-9); last.ckpt holds step 8
+    killed = start_cli("finetune.train", *run, f"hydra.run.dir={killed_dir}",
+                       "+callbacks.kill._target_=tests.run.faults.KillAtStep", "+callbacks.kill.step=9", cwd=tmp_path,
+                       log=tmp_path / "killed.log")
+    # the uninterrupted run in this process while the killed one runs in its own (SIGKILL needs a process of its own)
+    (tmp_path / "straight").mkdir()
+    train(compose_config(tmp_path / "straight", run))
+    assert killed.wait(timeout=300) == -9, (tmp_path / "killed.log").read_text()[-3000:]
     checkpoint = killed_dir / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 8
     train(compose_config(killed_dir, [*run, f"ckpt_path={checkpoint}"]))
-    assert straight.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
     expected, actual = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
                         for folder in (tmp_path / "straight", killed_dir))
     assert expected["global_step"] == actual["global_step"] == 10
@@ -174,10 +176,15 @@ def test_ddp_ranks_split_the_store_build_and_train_as_one_process(tmp_path):
                      "strategy=freeze",
                      f"trainer={trainer}", "trainer.max_epochs=2",
                      "+callbacks.store._target_=tests.run.faults.RecordImageStore",
-                     "+callbacks.store.output_dir=${paths.output_dir}", f"hydra.run.dir={tmp_path / name}"]
-        runs[name] = start_cli("finetune.train", *overrides, cwd=tmp_path, log=tmp_path / f"{name}.log")
-    for name, process in runs.items():
-        assert process.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+                     "+callbacks.store.output_dir=${paths.output_dir}"]
+        if name == "ddp":  # the ranks need processes of their own
+            runs[name] = start_cli("finetune.train", *overrides, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path,
+                                   log=tmp_path / f"{name}.log")
+        else:  # the one process: this one, while the ranks run
+            (tmp_path / name).mkdir(exist_ok=True)
+            train(compose_config(tmp_path / name, overrides))
+    assert runs["ddp"].wait(timeout=600) == 0, (tmp_path / "ddp.log").read_text()[-3000:]
+    for name in ("ddp", "single"):
         # Lightning calls prepare_data at each stage (fit, then test), on local rank 0 only: never on rank 1
         assert (tmp_path / f"prepare_{name}.txt").read_text().split() == ["0", "0"], "prepare_data: rank 0 of the node"
     reports = [json.loads((tmp_path / "ddp" / f"store_rank{rank}.json").read_text()) for rank in (0, 1)]

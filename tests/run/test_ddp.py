@@ -76,15 +76,30 @@ def columns(cache: FeatureCache) -> dict[str, dict[str, torch.Tensor]]:
 CACHE_REPORT = ["+callbacks.cache_report._target_=tests.run.faults.RecordCacheReport",
                 "+callbacks.cache_report.output_dir=${paths.output_dir}"]
 SHARD_ROWS = 8  # 70 train rows: 9 shards; 17 val and test rows: 3 each
+CACHED = [*TINY, "strategy=cached", "trainer.max_epochs=1", f"strategy.shard_rows={SHARD_ROWS}",
+          "data.num_samples=70"]  # 70 train / 17 val and test: unequal shares
 
 
-def test_ddp_cached_with_node_local_caches_builds_what_each_node_lacks_and_evaluates_each_sample_once(tmp_path):
+@pytest.fixture(scope="module")
+def one_process_cached(tmp_path_factory):
+    """The one-process run of CACHED, in-process, once for the tests that compare the ranks' caches with its cache
+    and its metrics (they only read them; a test that trains on its cache copies it first): its run folder and
+    cache folder."""
+    root = tmp_path_factory.mktemp("one_process_cached")
+    (root / "one").mkdir()
+    train(compose_config(root / "one", [*CACHED, f"paths.cache_dir={root / 'cache'}"]))
+    return root / "one", root / "cache"
+
+
+def test_ddp_cached_with_node_local_caches_builds_what_each_node_lacks_and_evaluates_each_sample_once(
+        tmp_path, one_process_cached):
     """Two cache folders stand in for two nodes: node0 already holds the entries (from a one-process run), node1
     does not. Rank 0 hits; rank 1 cannot see node0's shards, so it builds every shard itself, one at a time."""
-    common = [*TINY, "strategy=cached", "trainer.max_epochs=1", f"strategy.shard_rows={SHARD_ROWS}",
-              "data.num_samples=70"]  # 70 train / 17 val and test: unequal shares
-    (tmp_path / "one").mkdir()
-    train(compose_config(tmp_path / "one", [*common, f"paths.cache_dir={tmp_path / 'node0'}"]))  # in-process
+    import shutil
+
+    one, cache = one_process_cached
+    common = CACHED
+    shutil.copytree(cache, tmp_path / "node0", ignore=shutil.ignore_patterns(".folder-token"))  # node0's own token
     ddp = run_cli("finetune.train", *common, "trainer=ddp_cpu", f"paths.cache_dir={tmp_path}/node${{oc.env:LOCAL_RANK,0}}",
                   "+callbacks.wrapping._target_=tests.run.faults.RecordDDPWrapping",
                   "+callbacks.wrapping.output_dir=${paths.output_dir}", *CACHE_REPORT,
@@ -101,7 +116,7 @@ def test_ddp_cached_with_node_local_caches_builds_what_each_node_lacks_and_evalu
     assert reports[1]["extract_buffer_rows"] == SHARD_ROWS, "rank 1 never held more than one shard of features"
 
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    assert metrics["train_samples"] == json.loads((tmp_path / "one" / "metrics.json").read_text())["train_samples"]
+    assert metrics["train_samples"] == json.loads((one / "metrics.json").read_text())["train_samples"]
     # the 17 test samples are each counted once across the two ranks: the same loss as one process on that checkpoint
     module, images = load_for_eval(metrics["best_checkpoint"])
     single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -118,15 +133,13 @@ def test_ddp_cached_with_node_local_caches_builds_what_each_node_lacks_and_evalu
             "setup": False, "fit_start": True}
 
 
-def test_ddp_ranks_sharing_one_cache_folder_split_the_shards_and_write_what_one_process_writes(tmp_path):
-    common = [*TINY, "strategy=cached", "trainer.max_epochs=1", f"strategy.shard_rows={SHARD_ROWS}",
-              "data.num_samples=70"]
-    (tmp_path / "one").mkdir()
-    train(compose_config(tmp_path / "one", [*common, f"paths.cache_dir={tmp_path / 'single'}"]))
-    ddp = run_cli("finetune.train", *common, "trainer=ddp_cpu", f"paths.cache_dir={tmp_path / 'shared'}",
+def test_ddp_ranks_sharing_one_cache_folder_split_the_shards_and_write_what_one_process_writes(tmp_path,
+                                                                                             one_process_cached):
+    _, single = one_process_cached
+    ddp = run_cli("finetune.train", *CACHED, "trainer=ddp_cpu", f"paths.cache_dir={tmp_path / 'shared'}",
                   *CACHE_REPORT, f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    want, got = columns(FeatureCache(tmp_path / "single")), columns(FeatureCache(tmp_path / "shared"))
+    want, got = columns(FeatureCache(single)), columns(FeatureCache(tmp_path / "shared"))
     assert set(got) == set(want)
     for key, tensors in want.items():
         assert torch.equal(tensors["labels"], got[key]["labels"]) and torch.equal(tensors["indices"], got[key]["indices"])

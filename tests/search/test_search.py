@@ -214,7 +214,9 @@ def test_a_search_killed_mid_trial_resumes_keeping_finished_trials_and_re_asking
     import time
 
     storage = tmp_path / "study.journal"
-    first = worker(tmp_path, "w", storage, "trainer.max_epochs=30", "hydra.sweeper.n_trials=3")
+    # 6 epochs a trial: the first finishes soon; the kill lands while the second or, should polling miss it, the third
+    # runs (12 epochs of window, polled every half second)
+    first = worker(tmp_path, "w", storage, "trainer.max_epochs=6", "hydra.sweeper.n_trials=3")
     deadline = time.time() + 300
     while time.time() < deadline:
         trials = study_trials(storage) if storage.exists() and storage.stat().st_size else []

@@ -288,20 +288,20 @@ def test_lp_ft_killed_mid_probe_at_the_boundary_and_mid_finetune_resumes_bitwise
     run = [*TINY, "strategy=lp_ft", "strategy.probe_epochs=2", "trainer.max_epochs=4", "trainer.deterministic=true",
            "callbacks.last_checkpoint.every_n_train_steps=2", f"paths.cache_dir={tmp_path / 'cache'}",
            "+callbacks.lrs._target_=tests.run.faults.RecordLearningRates"]
-    # the uninterrupted run goes alongside the killed one's first try
-    straight = start_cli("finetune.train", *run, f"hydra.run.dir={tmp_path / 'straight'}",
-                         f"+callbacks.lrs.path={tmp_path / 'straight.jsonl'}", cwd=tmp_path,
-                         log=tmp_path / "straight.log")
     killed_dir, checkpoint = tmp_path / "killed", tmp_path / "killed" / "checkpoints" / "last.ckpt"
     logged = [f"hydra.run.dir={killed_dir}", f"+callbacks.lrs.path={tmp_path / 'killed.jsonl'}"]
-    for kill_at, saved_step in ((3, 2), (9, 8), (11, 10)):
-        resume = [f"ckpt_path={checkpoint}"] if checkpoint.exists() else []
-        killed = run_cli("finetune.train", *run, *logged, *resume, "+callbacks.kill._target_=tests.run.faults.KillAtStep",
-                         f"+callbacks.kill.step={kill_at}", cwd=tmp_path)
+    kill = lambda step: ["+callbacks.kill._target_=tests.run.faults.KillAtStep", f"+callbacks.kill.step={step}"]
+    # the killed run's first try in a process of its own (SIGKILL); the uninterrupted run meanwhile in this one
+    first = start_cli("finetune.train", *run, *logged, *kill(3), cwd=tmp_path, log=tmp_path / "killed.log")
+    (tmp_path / "straight").mkdir()
+    train(compose_config(tmp_path / "straight", [*run, f"+callbacks.lrs.path={tmp_path / 'straight.jsonl'}"]))
+    assert first.wait(timeout=300) == -9, (tmp_path / "killed.log").read_text()[-3000:]
+    assert _weights(killed_dir)["global_step"] == 2
+    for kill_at, saved_step in ((9, 8), (11, 10)):
+        killed = run_cli("finetune.train", *run, *logged, f"ckpt_path={checkpoint}", *kill(kill_at), cwd=tmp_path)
         assert killed.returncode == -9, killed.stderr[-3000:]
         assert _weights(killed_dir)["global_step"] == saved_step
     train(compose_config(killed_dir, [*run, logged[1], f"ckpt_path={checkpoint}"]))  # the last resume, in-process
-    assert straight.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
 
     expected, actual = _weights(tmp_path / "straight"), _weights(killed_dir)
     for name in expected["state_dict"]:
