@@ -224,3 +224,39 @@ def test_the_extraction_the_tuning_paid_is_charged_once_to_every_cache_reader(tm
     assert decision["extraction_seconds"] == 10.0
     assert decision["strategies"]["cached"]["fit_cost_seconds"] == 11.0
     assert decide(collect_runs(tmp_path))["extraction_seconds"] == 2.0
+
+
+def test_each_split_tunes_on_its_own_val_and_tests_its_own_choice(tmp_path, monkeypatch):
+    """compare.splits=2: a split's val images are the other split's test images, so each split tunes apart (its
+    data.split_seed in every tuning command) and its final runs train its own choice."""
+    from finetune.compare import cli as compare
+
+    commands = []
+
+    def fake_tuning(plan, cfg, cached, budget, base, output_dir, jobs, run, folder):
+        commands.append(base)
+        record = {"strategy": plan.strategy, "method": "optuna", "chosen": {"optimizer.lr": 0.001 * (1 + cfg.data.split_seed)},
+                  "trials": [], "run": 2, "pruned": 0, "failed": 0, "wall_seconds": 1.0, "device_seconds": 1.0,
+                  "extract_seconds": 0.0, "trials_budget": 2, "seed": 0, "best_val_acc": 0.5}
+        record["overrides"] = [f"{k}={v}" for k, v in record["chosen"].items()]
+        path = output_dir / "tune" / folder
+        path.mkdir(parents=True)
+        (path / "tuning.json").write_text(json.dumps(record | {"split_seed": cfg.data.split_seed}))
+        return record
+
+    sweeps = []
+    monkeypatch.setattr(tune, "tune_strategy", fake_tuning)
+    monkeypatch.setattr(compare, "run_sweep", lambda command: sweeps.append(command) or 1)
+    result = run_main("finetune.compare.cli", *TINY, "compare.strategies=[freeze]", "compare.seeds=[1,2]",
+                      "compare.splits=2", "data.split_seed=5", "compare.tune.trials=2", f"hydra.run.dir={tmp_path}",
+                      cwd=tmp_path)
+    assert "every run failed" in result.stderr  # nothing trained here
+    assert [c[-1] for c in commands] == ["data.split_seed=5", "data.split_seed=6"]
+    finals = [[w for w in c if w.startswith(("data.split_seed=", "optimizer.lr=", "hydra.sweep.subdir="))]
+              for c in sweeps]
+    assert finals == [["data.split_seed=5", "optimizer.lr=0.006",
+                       "hydra.sweep.subdir=${hydra.runtime.choices.strategy}_split${data.split_seed}_seed${seed}"],
+                      ["data.split_seed=6", "optimizer.lr=0.007",
+                       "hydra.sweep.subdir=${hydra.runtime.choices.strategy}_split${data.split_seed}_seed${seed}"]]
+    merged = tune.read_tunings(tmp_path)["freeze"]
+    assert merged["device_seconds"] == 2.0 and [r["split_seed"] for r in merged["per_split"]] == [5, 6]

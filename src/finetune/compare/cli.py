@@ -105,11 +105,12 @@ def train_command(cfg: DictConfig, drop: tuple[str, ...] = (), several_splits: b
 
 def sweep_command(strategies: list[str], seeds: list[int], cfg: DictConfig, output_dir: Path,
                   splits: list[int] | None = None, tuned: list[str] | None = None,
-                  hydra_cfg: DictConfig | None = None) -> list[str]:
+                  hydra_cfg: DictConfig | None = None, split_folders: bool | None = None) -> list[str]:
     """The `finetune-train -m` sweep of strategies x seeds (x data.split_seed when `splits` has more than one): the
     user's overrides for every run (with `tuned`, the overrides a tuning chose, in place of the user's for those
-    keys), each run in <output_dir>/<strategy>_seed<seed> (<strategy>_split<k>_seed<seed>)."""
-    several = splits is not None and len(splits) > 1
+    keys), each run in <output_dir>/<strategy>_seed<seed> (<strategy>_split<k>_seed<seed> when the comparison has
+    several splits, `split_folders`, even if this sweep runs one of them)."""
+    several = split_folders if split_folders is not None else (splits is not None and len(splits) > 1)
     tuned = list(tuned or [])
     split_sweep = [f"data.split_seed={','.join(str(k) for k in splits)}"] if several else []
     return [*train_command(cfg, tuple(o.split("=", 1)[0] for o in tuned), several, hydra_cfg),
@@ -117,8 +118,9 @@ def sweep_command(strategies: list[str], seeds: list[int], cfg: DictConfig, outp
             f"hydra.sweep.dir={output_dir}", f"hydra.sweep.subdir={SPLIT_RUN_FOLDER if several else RUN_FOLDER}"]
 
 
-def strategy_config(strategy: str) -> DictConfig:
-    """The train config one strategy's runs compose: the user's overrides and config folders, strategy=`strategy`."""
+def strategy_config(strategy: str, extra: tuple[str, ...] = ()) -> DictConfig:
+    """The train config one strategy's runs compose: the user's overrides and config folders, strategy=`strategy`,
+    and `extra` overrides (a split's data.split_seed)."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
     from omegaconf import open_dict
@@ -126,19 +128,20 @@ def strategy_config(strategy: str) -> DictConfig:
     hydra_cfg = HydraConfig.get()
     task = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(("strategy=", "from="))]
     cfg = GlobalHydra.instance().config_loader().load_configuration(
-        config_name=hydra_cfg.job.config_name, overrides=[*hydra_cfg.overrides.hydra, *task, f"strategy={strategy}"],
+        config_name=hydra_cfg.job.config_name,
+        overrides=[*hydra_cfg.overrides.hydra, *task, f"strategy={strategy}", *extra],
         run_mode=RunMode.RUN)
     with open_dict(cfg):
         cfg.pop("hydra", None)
     return cfg
 
 
-def cached_config_for(strategy_cfg: DictConfig) -> DictConfig:
+def cached_config_for(strategy_cfg: DictConfig, extra: tuple[str, ...] = ()) -> DictConfig:
     """strategy=cached with the same backbone, data and feature settings as `strategy_cfg` (lp_ft's probe): the
     head grid's features are the entry that strategy's runs read."""
     from omegaconf import open_dict
 
-    cfg = strategy_config("cached")
+    cfg = strategy_config("cached", extra)
     with open_dict(cfg):
         for key in ("cache_dir", "feature_dtype", "shard_rows", "extract_batch_size"):
             if key in strategy_cfg.strategy:
@@ -146,31 +149,41 @@ def cached_config_for(strategy_cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def tune_all(strategies: list[str], cfg: DictConfig, budget: tune.Budget, output_dir: Path) -> dict[str, dict]:
-    """Every strategy's tuning.json; every search space checked before the first trial runs."""
+def tune_all(strategies: list[str], cfg: DictConfig, budget: tune.Budget, output_dir: Path,
+             splits: list[int]) -> dict[int, dict[str, dict]]:
+    """{split seed: {strategy: its tuning.json}}: with several splits each split tunes on its own val, since a
+    split's val images are other splits' test images. Every search space is checked before the first trial runs."""
     if importlib.util.find_spec("optuna") is None:
         raise ConfigError(f"compare.tune.trials={budget.trials} tunes through Optuna, which is not installed: pip "
                           f"install 'finetune[search]' (or compare.tune.trials=0: every strategy as configured)")
+    several = len(splits) > 1
+    extra = {k: (f"data.split_seed={k}",) if several else () for k in splits}
     # every config composed and every space checked before the first trial runs
-    configs = {s: strategy_config(s) for s in strategies}
+    configs = {(s, k): strategy_config(s, extra[k]) for k in splits for s in strategies}
     # a key the user set on the command line stays as given (not tuned): the user's value wins over the space
     typed = {o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task if "=" in o}
-    plans = {s: tune.plan_of(s, configs[s], tuple(typed)) for s in strategies}
-    for strategy, plan in plans.items():
-        if plan.pinned:
-            log.info("tune %s: %s set by your overrides, not tuned", strategy, ", ".join(plan.pinned))
-    cached = {s: configs[s] if strategy_is_cached(configs[s]) else cached_config_for(configs[s])
-              for s, plan in plans.items() if plan.grid_keys}
-    bases = {s: train_command(cfg, tuple(plan.space)) for s, plan in plans.items()}  # the space's keys: the trials
+    plans = {key: tune.plan_of(key[0], config, tuple(typed)) for key, config in configs.items()}
+    for strategy in strategies:
+        if plans[strategy, splits[0]].pinned:
+            log.info("tune %s: %s set by your overrides, not tuned", strategy,
+                     ", ".join(plans[strategy, splits[0]].pinned))
+    cached = {key: configs[key] if strategy_is_cached(configs[key]) else cached_config_for(configs[key], extra[key[1]])
+              for key, plan in plans.items() if plan.grid_keys}
+    # the space's keys are the trials' to set; data.split_seed is the split's
+    bases = {key: [*train_command(cfg, tuple(plan.space), several), *extra[key[1]]] for key, plan in plans.items()}
     jobs = int(cfg.compare.get("jobs", 1))
-    records = {}
-    for strategy, plan in plans.items():
+    records: dict[int, dict[str, dict]] = {k: {} for k in splits}
+    for (strategy, k), plan in plans.items():
+        folder = f"split{k}/{strategy}" if several else strategy
         if plan.method == "untuned":
-            records[strategy] = tune.untuned_record(strategy, budget, output_dir, plan.pinned)
+            records[k][strategy] = tune.untuned_record(strategy, budget, output_dir, plan.pinned, folder)
             continue
-        records[strategy] = tune.tune_strategy(plan, configs[strategy], cached.get(strategy), budget, bases[strategy],
-                                               output_dir, jobs, run=lambda command: run_sweep(command))
-        print(tune.describe(records[strategy]), flush=True)
+        records[k][strategy] = tune.tune_strategy(plan, configs[strategy, k], cached.get((strategy, k)), budget,
+                                                  bases[strategy, k], output_dir, jobs,
+                                                  run=lambda command: run_sweep(command), folder=folder)
+        if several:
+            records[k][strategy]["split_seed"] = k
+        print(tune.describe(records[k][strategy]) + (f" (split {k})" if several else ""), flush=True)
     return records
 
 
@@ -221,14 +234,15 @@ def main(cfg: DictConfig) -> None:
         splits = split_seeds(cfg, statistics["splits"])
         budget = tune.checked_budget(cfg.compare.get("tune"), seeds)
         hydra_cfg = HydraConfig.get()  # this compare's, whatever a sweep run in this process sets afterwards
-        tunings = tune_all(strategies, cfg, budget, output_dir) if budget.trials else {}
-        as_configured = [s for s in strategies if not tunings.get(s, {}).get("overrides")]
+        tunings = tune_all(strategies, cfg, budget, output_dir, splits) if budget.trials else {}
+        chosen = {s: any(tunings[k][s].get("overrides") for k in splits) for s in strategies} if tunings else {}
+        as_configured = [s for s in strategies if not chosen.get(s)]
         if as_configured:
             run_sweep(sweep_command(as_configured, seeds, cfg, output_dir, splits, hydra_cfg=hydra_cfg))
-        for strategy in strategies:  # each tuned strategy's test runs at its own chosen configuration
-            if strategy not in as_configured:
-                run_sweep(sweep_command([strategy], seeds, cfg, output_dir, splits, tunings[strategy]["overrides"],
-                                        hydra_cfg))
+        for strategy in strategies:  # each tuned strategy's test runs at its own chosen configuration (per split)
+            for k in (splits if strategy not in as_configured else []):
+                run_sweep(sweep_command([strategy], seeds, cfg, output_dir, [k], tunings[k][strategy]["overrides"],
+                                        hydra_cfg, split_folders=len(splits) > 1))
         rows = collect_runs(output_dir)
         if not succeeded(rows):
             raise ConfigError(f"every run failed; see the train.log files under {output_dir}")

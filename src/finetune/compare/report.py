@@ -154,14 +154,15 @@ def tuning_markdown(tunings: dict[str, dict]) -> str:
              f"trials. The best val accuracy's configuration ran the seeded test runs. Figure: tuning.png.", "",
              "| strategy | method | trials run | pruned | failed | best val acc | chosen | tuning wall s | "
              "tuning training s |", "|---|---|---|---|---|---|---|---|---|"]
-    for strategy, r in tunings.items():
+    for name, r in [(f"{s} (split {one.get('split_seed')})" if "per_split" in record else s, one)
+                    for s, record in tunings.items() for one in record.get("per_split", [record])]:
         best = "-" if r.get("best_val_acc") is None else f"{r['best_val_acc']:.4f}"
         chosen = f"`{shown(r['chosen'])}`" if r.get("chosen") else r.get("reason", "untuned (no search_space)")
         if r.get("timed_out"):
             chosen += " (stopped by compare.tune.max_minutes)"
         if r.get("pinned"):
             chosen += f"; set by you: {shown(r['pinned'])}"
-        lines.append(f"| {strategy} | {r['method']} | {r['run']} | {r['pruned']} | {r['failed']} | {best} | "
+        lines.append(f"| {name} | {r['method']} | {r['run']} | {r['pruned']} | {r['failed']} | {best} | "
                      f"{chosen} | {r['wall_seconds']:.1f} | {r['device_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -183,7 +183,9 @@ def configured_values(cfg: DictConfig, space: dict[str, str]) -> dict:
     the tuned choice is never worse on val than the configuration as shipped (at the tuning seed)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import distribution_from_override
+    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import (
+        distribution_from_override,
+    )
 
     values = {}
     for key, value in space.items():
@@ -301,9 +303,11 @@ def subprocess_run(command: list[str]) -> int:
 
 
 def tune_strategy(plan: Plan, cfg: DictConfig, cached_cfg: DictConfig | None, budget: Budget, base: list[str],
-                  output_dir: Path, jobs: int, run: Callable[[list[str]], int] = subprocess_run) -> dict:
-    """Tune one strategy; writes and returns its tuning.json. `run` runs a command (the Optuna sweep)."""
-    folder = output_dir / TUNE_DIR / plan.strategy
+                  output_dir: Path, jobs: int, run: Callable[[list[str]], int] = subprocess_run,
+                  folder: str | None = None) -> dict:
+    """Tune one strategy; writes and returns its tuning.json in <output_dir>/tune/<folder> (default: the strategy's
+    name). `run` runs a command (the Optuna sweep)."""
+    folder = output_dir / TUNE_DIR / (folder or plan.strategy)
     folder.mkdir(parents=True, exist_ok=True)
     record = {"strategy": plan.strategy, "method": plan.method, "trials_budget": budget.trials,
               "max_minutes": budget.max_minutes, "seed": budget.seed, "pruner": budget.pruner, "space": plan.space,
@@ -361,26 +365,42 @@ def failed_record(record: dict, folder: Path, reason: str) -> dict:
     return record
 
 
-def untuned_record(strategy: str, budget: Budget, output_dir: Path, pinned: dict | None = None) -> dict:
+def untuned_record(strategy: str, budget: Budget, output_dir: Path, pinned: dict | None = None,
+                   folder: str | None = None) -> dict:
     reason = ("your overrides set every key of its search_space: it runs as given" if pinned else
               "its config has no search_space: it runs as configured")
     record = {"strategy": strategy, "method": "untuned", "trials_budget": budget.trials, "space": {}, "chosen": {},
               "trials": [], "run": 0, "pruned": 0, "failed": 0, "wall_seconds": 0.0, "device_seconds": 0.0,
               "extract_seconds": 0.0, "overrides": [], "best_val_acc": None, "reason": reason,
               "seed": budget.seed, "max_minutes": budget.max_minutes, "pinned": pinned or {}}
-    folder = output_dir / TUNE_DIR / strategy
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / TUNING_FILE).write_text(json.dumps(record, indent=1))
+    path = output_dir / TUNE_DIR / (folder or strategy)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / TUNING_FILE).write_text(json.dumps(record, indent=1))
     return record
 
 
 def read_tunings(folder: str | Path) -> dict[str, dict]:
-    """{strategy: tuning.json} of a comparison folder; {} for one that did not tune (or predates tuning)."""
-    found = {}
-    for path in sorted(Path(folder).glob(f"{TUNE_DIR}/*/{TUNING_FILE}")):
+    """{strategy: tuning.json} of a comparison folder ({} for one that did not tune, or predates tuning). With
+    several splits (tune/split<k>/<strategy>/) a strategy's record adds up its splits' costs and keeps each split's
+    record under `per_split`."""
+    found: dict[str, list[dict]] = {}
+    for path in sorted(Path(folder).glob(f"{TUNE_DIR}/*/{TUNING_FILE}")) + \
+            sorted(Path(folder).glob(f"{TUNE_DIR}/split*/*/{TUNING_FILE}")):
         record = json.loads(path.read_text())
-        found[record.get("strategy", path.parent.name)] = record
-    return found
+        found.setdefault(record.get("strategy", path.parent.name), []).append(record)
+    merged = {}
+    for strategy, records in found.items():
+        if len(records) == 1:
+            merged[strategy] = records[0]
+            continue
+        records = sorted(records, key=lambda r: r.get("split_seed", 0))
+        total = {key: round(sum(float(r.get(key) or 0.0) for r in records), 3)
+                 for key in ("wall_seconds", "device_seconds", "extract_seconds")}
+        merged[strategy] = records[0] | total | {
+            "per_split": records, "run": sum(r["run"] for r in records), "pruned": sum(r["pruned"] for r in records),
+            "failed": sum(r["failed"] for r in records), "trials": [t for r in records for t in r["trials"]],
+            "chosen": {f"split{r.get('split_seed')}:{k}": v for r in records for k, v in r["chosen"].items()}}
+    return merged
 
 
 def extraction_seconds(tunings: dict[str, dict]) -> float:
