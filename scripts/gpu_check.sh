@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The GPU check anyone with a CUDA GPU can run: GPU-marked tests, the throughput benchmark at 224 px for
 # efficientnet_lite0 and resnet50, the loader (PIL against the decode-once store) and feature-cache benchmarks, and a
-# 1-epoch finetune-compare on the default data. Everything lands in OUTDIR.
+# head grid benchmark, and a 1-epoch finetune-compare on the default data (each strategy tuned on COMPARE_TRIALS
+# configurations, default 4). Everything lands in OUTDIR.
 # Needs only a CUDA PyTorch install plus this project's requirements and peft (strategy=lora; without it lora's
 # compare job fails alone, saying so); runs the project as modules, so it also works
 # where the console scripts are not installed (set PYTHONPATH=src).
 #   usage: scripts/gpu_check.sh OUTDIR        (PYTHON=python3.12 to pick the interpreter)
 # Time boxes for a lease of fixed length (seconds; 0 = none): LIMIT_TESTS LIMIT_BENCH LIMIT_LOADER LIMIT_CACHE
-# LIMIT_COMPARE. BENCH_STRATEGIES narrows the throughput table (default: every strategy config);
+# LIMIT_GRID LIMIT_COMPARE. BENCH_STRATEGIES narrows the throughput table (default: every strategy config);
 # COMPARE_STRATEGIES the comparison (a Hydra list, e.g. [full,freeze,cached]; default: every strategy).
 # More arguments: TEST_ARGS (pytest, e.g. "-n 6" with pytest-xdist), BENCH_ARGS (e.g. "--models resnet50
 # --repeats 1"), LOADER_ARGS (e.g. "--images 3000"), CACHE_ARGS (e.g. "--sizes 20000"). A benchmark run that
-# failed leaves its log as OUTDIR/<benchmark>_failed_run.log. SKIP leaves sections out: "tests bench loader cache compare".
+# failed leaves its log as OUTDIR/<benchmark>_failed_run.log. SKIP leaves sections out:
+# "tests bench loader cache grid compare".
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$out"
@@ -73,9 +75,17 @@ find "$out/bench_cache_work" -name bench.log -exec cat {} + 2>/dev/null | tail -
 tail -n 10 "$out/bench_cache.log"
 fi
 
+if wanted grid; then
+echo "== head grid: 1 to 64 heads in one pass over cached features (on the GPU)"
+step "${LIMIT_GRID:-0}" "$py" -m finetune.bench head_grid --device cuda --work-dir "$out/bench_head_grid_work" \
+  --out "$out/bench_head_grid.json" > "$out/bench_head_grid.log" 2>&1
+tail -n 8 "$out/bench_head_grid.log"
+fi
+
 if wanted compare; then
 echo "== finetune-compare, 1 epoch on the default data, one seed"
 step "${LIMIT_COMPARE:-0}" "$py" -m finetune.compare trainer.max_epochs=1 "compare.seeds=[42]" \
+  "compare.tune.trials=${COMPARE_TRIALS:-4}" \
   ${COMPARE_STRATEGIES:+"compare.strategies=$COMPARE_STRATEGIES"} "hydra.run.dir=$out/compare" \
   ~callbacks.progress_bar > "$out/compare.log" 2>&1
 tail -n 20 "$out/compare.log"
