@@ -81,12 +81,16 @@ class StackedHeadOptimizer(torch.optim.Optimizer):
         self.kind = "sgd" if isinstance(template, torch.optim.SGD) else "adam"
         # AdamW sets decoupled_weight_decay=True in its defaults; older torch has no such key on AdamW
         self.decoupled = bool(settings.get("decoupled_weight_decay", isinstance(template, torch.optim.AdamW)))
-        double = {"dtype": torch.float64}
-        self.head_lr = [torch.as_tensor(weight_lr, **double), torch.as_tensor(bias_lr, **double)]
-        self.head_decay = [torch.as_tensor(weight_decay, **double), torch.as_tensor(bias_decay, **double)]
-        count = len(stacked.bias)
-        if any(len(values) != count for values in (*self.head_lr, *self.head_decay)):
-            raise ValueError(f"one lr and weight decay per head: {count} heads")
+        # [2, K] doubles: row 0 the heads' weights, row 1 their biases
+        self.head_lr = torch.tensor([list(map(float, weight_lr)), list(map(float, bias_lr))], dtype=torch.float64)
+        self.head_decay = torch.tensor([list(map(float, weight_decay)), list(map(float, bias_decay))],
+                                       dtype=torch.float64)
+        if self.head_lr.shape != (2, len(stacked.bias)) or self.head_decay.shape != self.head_lr.shape:
+            raise ValueError(f"one lr and weight decay per head: {len(stacked.bias)} heads")
+        # which of weight and bias any head decays (a head without decay gets x1 or + 0 x param: exactly none),
+        # and the decay as a [K, 1, ...] factor in the parameter's dtype, for L2
+        self.decays = [bool((row != 0).any()) for row in self.head_decay]
+        self.l2 = [self.per_head(row, param) for row, param in zip(self.head_decay, self.param_groups[0]["params"])]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -95,64 +99,73 @@ class StackedHeadOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        for param, lr, decay in zip(group["params"], self.head_lr, self.head_decay):
-            if param.grad is None:
-                continue
-            # head k's lr at this step, in double as the scheduler sets a group's: its own lr x the factor
-            lr = lr * group["lr"]
-            if self.kind == "adam":
-                self._adam(param, lr, decay, group)
-            else:
-                self._sgd(param, lr, decay, group)
+        params = group["params"]
+        if any(param.grad is None for param in params):  # no backward since zero_grad: nothing to step
+            return loss
+        # each head's lr at this step, in double as the scheduler sets a group's: its own lr x the schedule's factor
+        lr = self.head_lr * group["lr"]
+        if self.kind == "adam":
+            self._adam(params, lr, group)
+        else:
+            self._sgd(params, lr, group)
         return loss
 
     def per_head(self, values: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         """[K] doubles as [K, 1, ...] in the parameter's dtype and device: one rounding, as a Python scalar gets."""
         return values.to(device=param.device, dtype=param.dtype).view(-1, *[1] * (param.ndim - 1))
 
-    def _adam(self, param: torch.Tensor, lr: torch.Tensor, decay: torch.Tensor, group: dict) -> None:
+    def per_param(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """[2, K] doubles (weight row, bias row) as the weight's [K, 1, 1] and the bias's [K, 1], rounded once."""
+        weight = self.param_groups[0]["params"][0]
+        values = values.to(device=weight.device, dtype=weight.dtype)
+        return [values[0].view(-1, 1, 1), values[1].view(-1, 1)]
+
+    def _adam(self, params: list[torch.Tensor], lr: torch.Tensor, group: dict) -> None:
         """torch.optim.adam._single_tensor_adam (capturable=False, differentiable=False), every head at once."""
-        grad = param.grad if not group["maximize"] else -param.grad
-        state = self.state[param]
+        beta1, beta2 = group["betas"]
+        state = self.state[params[0]]  # both tensors' state, [weight, bias] each
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            for name in ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if group["amsgrad"] else ())):
+                state[name] = [torch.zeros_like(param, memory_format=torch.preserve_format) for param in params]
         state["step"] += 1
         step = float(state["step"])
-        beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        if bool((decay != 0).any()):  # a head without decay: x1 (decoupled) or + 0 x param (L2), exactly its own
-            if self.decoupled:
-                param.mul_(self.per_head(1 - lr * decay, param))
-            else:
-                grad = grad.addcmul(param, self.per_head(decay, param))  # = grad.add(param, alpha=wd), same bits
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias_correction1 = 1 - beta1 ** step
         bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
-        if group["amsgrad"]:
-            torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
-            denom = (state["max_exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(group["eps"])
-        else:
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-        # addcdiv_(exp_avg, denom, value=-step_size) computes param + (value x exp_avg) / denom: the same order
-        param.addcdiv_(exp_avg * self.per_head(-(lr / bias_correction1), param), denom)
-
-    def _sgd(self, param: torch.Tensor, lr: torch.Tensor, decay: torch.Tensor, group: dict) -> None:
-        """torch.optim.sgd._single_tensor_sgd, every head at once."""
-        grad = param.grad if not group["maximize"] else -param.grad
-        if bool((decay != 0).any()):
-            grad = grad.addcmul(param, self.per_head(decay, param))  # = grad.add(param, alpha=wd), same bits
-        momentum = group["momentum"]
-        if momentum != 0:
-            state = self.state[param]
-            buffer = state.get("momentum_buffer")
-            if buffer is None:
-                buffer = state["momentum_buffer"] = grad.detach().clone()
+        # the per-head scalars torch computes in Python: -step_size and, decoupled, the decay factor
+        step_size = self.per_param(-(lr / bias_correction1))
+        keep = self.per_param(1 - lr * self.head_decay) if self.decoupled else None
+        for i, param in enumerate(params):
+            grad = param.grad if not group["maximize"] else -param.grad
+            exp_avg, exp_avg_sq = state["exp_avg"][i], state["exp_avg_sq"][i]
+            if self.decays[i]:
+                if self.decoupled:
+                    param.mul_(keep[i])
+                else:
+                    grad = grad.addcmul(param, self.l2[i])  # = grad.add(param, alpha=wd): the same bits
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            if group["amsgrad"]:
+                torch.maximum(state["max_exp_avg_sq"][i], exp_avg_sq, out=state["max_exp_avg_sq"][i])
+                denom = (state["max_exp_avg_sq"][i].sqrt() / bias_correction2_sqrt).add_(group["eps"])
             else:
-                buffer.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
-            grad = grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
-        param.addcmul_(grad, self.per_head(-lr, param))  # = param.add_(grad, alpha=-lr), same bits
+                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+            # addcdiv_(exp_avg, denom, value=-step_size) computes param + (value x exp_avg) / denom: the same order
+            param.addcdiv_(exp_avg * step_size[i], denom)
+
+    def _sgd(self, params: list[torch.Tensor], lr: torch.Tensor, group: dict) -> None:
+        """torch.optim.sgd._single_tensor_sgd, every head at once."""
+        neg_lr = self.per_param(-lr)
+        momentum = group["momentum"]
+        buffers = self.state[params[0]].setdefault("momentum_buffer", [None] * len(params))
+        for i, param in enumerate(params):
+            grad = param.grad if not group["maximize"] else -param.grad
+            if self.decays[i]:
+                grad = grad.addcmul(param, self.l2[i])  # = grad.add(param, alpha=wd): the same bits
+            if momentum != 0:
+                if buffers[i] is None:
+                    buffers[i] = grad.detach().clone()
+                else:
+                    buffers[i].mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+                grad = grad.add(buffers[i], alpha=momentum) if group["nesterov"] else buffers[i]
+            param.addcmul_(grad, neg_lr[i])  # = param.add_(grad, alpha=-lr): the same bits
