@@ -71,4 +71,5 @@ def test_the_head_grid_benchmark_times_every_width_on_one_cache_entry(tmp_path):
                                                                                          ("fake:64", 2, 64, 2)]
     assert all(r["seconds"] > 0 and r["extract_seconds"] > 0 for r in report["rows"]), "timed, after one extraction"
     assert report["rows"][0]["over_grid1"] == 1.0
-    assert "x grid of 1" in bench_head_grid.format_table(report["rows"]) and not work.exists()
+    assert all(r["real_fit_seconds"] > 0 and r["over_real"] > 0 for r in report["rows"]), "one real run timed"
+    assert "x real run" in bench_head_grid.format_table(report["rows"]) and not work.exists()

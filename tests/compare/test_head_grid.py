@@ -7,11 +7,13 @@ import lightning as L
 import pytest
 import torch
 
+from finetune.compare import stacked_heads
 from finetune.compare.head_grid import fit_head_grid
 from finetune.data.base import TensorImageDataModule
 from finetune.data.features.cache import FeatureCache
 from finetune.data.features.cached import CachedFeatureDataModule
 from finetune.errors import ConfigError
+from finetune.optim import WarmupCosine, phased_schedule
 from tests.conftest import fit
 
 # 128 train rows in 8 batches, 32 val rows, 3 epochs: enough steps for the schedule and the lrs to tell heads apart
@@ -37,11 +39,13 @@ class ValScores(L.Callback):
         self.loss.append(float(trainer.callback_metrics["val/loss"]))
 
 
-def test_a_grid_of_one_is_the_real_cached_run(tiny):
-    overrides = [*GRID_DATA, "optimizer.lr=0.05", "optimizer.weight_decay=0.1"]
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_grid_of_one_is_the_real_cached_run(tiny, optimizer):
+    overrides = [*GRID_DATA, f"optimizer={optimizer}", "optimizer.lr=0.05", "optimizer.weight_decay=0.1"]
     scores = ValScores()
     _, _, datamodule = fit(tiny(*overrides), callbacks=(scores,))
     result = fit_head_grid(tiny(*overrides), [{"lr": 0.05, "weight_decay": 0.1}])
+    assert result["stacked"], "a linear head under AdamW or SGD steps stacked by default"
 
     assert result["cache_keys"] == {s: datamodule.report["cache_keys"][s] for s in ("train", "val")}, \
         "the grid reads the run's own cache entries"
@@ -56,15 +60,19 @@ def test_a_grid_of_one_is_the_real_cached_run(tiny):
     assert head["best_val_acc"] == max(scores.acc) and scores.acc[head["best_epoch"]] == max(scores.acc)
 
 
-@pytest.mark.parametrize("head", [[], ["head=mlp", "head.hidden_sizes=[16]", "head.dropout=0"]],
-                         ids=["linear", "mlp"])
-def test_heads_trained_together_do_not_interact(tiny, head):
+@pytest.mark.parametrize("head, stacked", [([], None), ([], False),
+                                           (["head=mlp", "head.hidden_sizes=[16]", "head.dropout=0"], None)],
+                         ids=["linear-stacked", "linear-torch.optim", "mlp"])
+def test_heads_trained_together_do_not_interact(tiny, head, stacked):
     grid = [{"lr": 0.05, "weight_decay": 0.1}, {"lr": 1e-3, "weight_decay": 0.0}, {"lr": 0.2, "weight_decay": 1.0}]
-    together = fit_head_grid(tiny(*GRID_DATA, *head), grid)["heads"]
-    alone = [fit_head_grid(tiny(*GRID_DATA, *head), [setting])["heads"][0] for setting in grid]
+    result = fit_head_grid(tiny(*GRID_DATA, *head), grid, stacked=stacked)
+    assert result["stacked"] == (not head and stacked is None), "linear heads step stacked unless told otherwise"
+    together = result["heads"]
+    alone = [fit_head_grid(tiny(*GRID_DATA, *head), [setting], stacked=False)["heads"][0] for setting in grid]
     assert len({tuple(h["val_loss"]) for h in together}) == 3, "the settings give different heads"
-    # each head gets only its own cross-entropy's gradient and its own groups' lr and decay. Not bitwise for linear
-    # heads: one matmul over the K heads' concatenated weights rounds apart from a head-sized one (about 1e-7)
+    # each head gets only its own cross-entropy's gradient and its own groups' lr and decay; each alone is stepped by
+    # torch.optim, so the stacked step is checked against it too. Not bitwise for linear heads: one matmul over the K
+    # heads' concatenated weights rounds apart from a head-sized one (about 1e-7)
     for grouped, single in zip(together, alone):
         assert grouped["val_acc"] == single["val_acc"]
         assert grouped["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6, abs=0)
@@ -105,7 +113,67 @@ def test_bad_input_is_refused_in_one_line(tiny, grid, overrides, message):
     assert str(refused.value) == message
 
 
+def test_stacked_is_refused_in_one_line_where_the_heads_cannot_stack(tiny):
+    mlp = tiny("head=mlp", "head.hidden_sizes=[16]", "head.dropout=0")
+    with pytest.raises(ConfigError, match=r"^head grid stacked=True, but the heads are not all linear without "
+                                          r"dropout; stacked=False steps them with torch.optim$"):
+        fit_head_grid(mlp, [{"lr": 1e-3, "weight_decay": 0}], stacked=True)
+
+
 def test_bad_epochs_are_refused_in_one_line(tiny):
     with pytest.raises(ConfigError, match=r"^head grid epochs=0 must be a positive integer \(null: "
                                           r"trainer.max_epochs\)$"):
         fit_head_grid(tiny(), [{"lr": 1e-3, "weight_decay": 0}], epochs=0)
+
+
+# -- the stacked step (compare/stacked_heads.py) against torch.optim on each head alone
+
+OPTIMIZERS = {
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01),
+    "adam_l2_amsgrad": lambda params: torch.optim.Adam(params, lr=1e-3, betas=(0.8, 0.99), eps=1e-6,
+                                                       weight_decay=0.01, amsgrad=True),
+    "sgd_nesterov": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-4),
+    "sgd_momentum_dampening": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9, dampening=0.1,
+                                                             weight_decay=1e-4),
+    "sgd_plain_maximize": lambda params: torch.optim.SGD(params, lr=1e-2, weight_decay=1e-4, maximize=True),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_the_stacked_step_is_torch_optim_on_each_head_alone(name):
+    """Head k's weight and bias after 30 steps of the stacked step: those of cfg.optimizer's class over that head
+    alone, with its lr and decay split as optim.param_groups splits them (the bias without decay), under the same
+    warmup-cosine schedule, from the same gradients."""
+    factory, steps = OPTIMIZERS[name], 30
+    settings = [(0.05, 0.1), (1e-3, 0.0), (0.2, 1.0), (3e-4, 1e-4)]  # (lr, weight decay) per head
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(37, 5) for _ in settings]
+    alone = [torch.nn.Linear(37, 5) for _ in settings]
+    for single, linear in zip(alone, linears):
+        single.load_state_dict(linear.state_dict())
+    stack = stacked_heads.StackedLinear(linears)
+    template = stacked_heads.probe(factory)
+    assert stacked_heads.stackable(template) is None
+    lrs, decays = [lr for lr, _ in settings], [wd for _, wd in settings]
+    stacked = stacked_heads.StackedHeadOptimizer(stack, template, lrs, decays, lrs, [0.0] * len(settings))
+    schedules = [phased_schedule(stacked, steps, WarmupCosine())]
+    singles = []
+    for single, (lr, wd) in zip(alone, settings):
+        optimizer = factory([{"params": [single.weight], "lr": lr, "weight_decay": wd},
+                             {"params": [single.bias], "lr": lr, "weight_decay": 0.0}])
+        singles.append(optimizer)
+        schedules.append(phased_schedule(optimizer, steps, WarmupCosine()))
+    for _ in range(steps):
+        weight_grad, bias_grad = torch.randn_like(stack.weight), torch.randn_like(stack.bias)
+        stack.weight.grad, stack.bias.grad = weight_grad.clone(), bias_grad.clone()
+        for k, (single, optimizer) in enumerate(zip(alone, singles)):
+            single.weight.grad, single.bias.grad = weight_grad[k].clone(), bias_grad[k].clone()
+            optimizer.step()
+        stacked.step()
+        for schedule in schedules:
+            schedule.step()
+    for k, single in enumerate(alone):
+        assert not torch.equal(single.weight, linears[k].weight), "the head moved"
+        torch.testing.assert_close(stack.weight[k], single.weight, rtol=1e-6, atol=0)
+        torch.testing.assert_close(stack.bias[k], single.bias, rtol=1e-6, atol=0)  # on this CPU: the same bits
+    assert not torch.allclose(stack.weight[0], stack.weight[2], rtol=1e-3), "the settings give different heads"

@@ -7,6 +7,11 @@ order), the head as `cfg.head` builds it from the same seeded initial weights, c
 project's parameter groups (biases without decay), cfg.scheduler over the same steps, the run's device and precision.
 So head k follows what `finetune-train strategy=cached optimizer.lr=lr_k optimizer.weight_decay=wd_k` trains, and
 costs one pass over the features for all K. The test split is never extracted, loaded or iterated.
+
+Linear heads under AdamW, Adam or SGD (the project's optimizers) train stacked (stacked_heads.py): one weight
+[K, classes, features] and one bias [K, classes], stepped all at once by a mirror of torch's own update with each
+head's lr and decay, instead of torch.optim's loop over 2K param groups, which was most of a wide grid's time. Any
+other head or optimizer, or `stacked=False`, keeps cfg.optimizer's class with a group per head and decay setting.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from finetune.build import build
+from finetune.compare import stacked_heads
 from finetune.config import instantiate
 from finetune.data.features import identity as entry_identity
 from finetune.errors import ConfigError
@@ -90,15 +96,49 @@ def linear_layers(heads: nn.ModuleList) -> list[nn.Linear] | None:
     return None
 
 
-def grid_logits(heads: nn.ModuleList, linears: list[nn.Linear] | None, features: torch.Tensor) -> torch.Tensor:
-    """[batch, heads, classes]. Linear heads: one matmul over the concatenated weights (a head-sized matmul each
-    costs more in calls than in arithmetic), whose gradient still reaches each head's own parameters; any other
-    head (MLP, dropout) as its own module, so it draws its own dropout masks."""
-    if linears is None:
-        return torch.stack([head(features) for head in heads], dim=1)
-    weight = torch.cat([linear.weight for linear in linears])
-    bias = torch.cat([linear.bias for linear in linears])
-    return F.linear(features, weight, bias).view(len(features), len(linears), -1)
+class HeadList(nn.Module):
+    """The heads as their own modules, for torch.optim with a group per head; forward gives [batch, heads, classes].
+    Linear heads: one matmul over the concatenated weights (a head-sized matmul each costs more in calls than in
+    arithmetic), whose gradient still reaches each head's own parameters; any other head (MLP, dropout) as its own
+    module, so it draws its own dropout masks."""
+
+    def __init__(self, heads: nn.ModuleList):
+        super().__init__()
+        self.heads, self.linears = heads, linear_layers(heads)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.linears is None:
+            return torch.stack([head(features) for head in self.heads], dim=1)
+        weight = torch.cat([linear.weight for linear in self.linears])
+        bias = torch.cat([linear.bias for linear in self.linears])
+        return F.linear(features, weight, bias).view(len(features), len(self.linears), -1)
+
+
+def grid_heads(module, heads: nn.ModuleList, grid: Sequence[dict], fused: bool,
+               stacked: bool | None) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The grid's heads as trained, forward [batch, heads, classes], and their optimizer. Stacked (StackedLinear and
+    StackedHeadOptimizer) where every head is linear and cfg.optimizer is one the stacked step mirrors, with each
+    head's weight and bias lr and decay from optim.param_groups as the run's groups get them; stacked=None: so where
+    it can be, True: so or one line why not, False: HeadList and grid_optimizer (torch.optim, `fused` applies)."""
+    linears = linear_layers(heads)
+    if stacked is False:
+        return HeadList(heads), grid_optimizer(module, heads, grid, fused)
+    template = stacked_heads.probe(module.optimizer_factory)
+    reason = "the heads are not all linear without dropout" if linears is None else stacked_heads.stackable(template)
+    if reason is not None:
+        if stacked:
+            raise ConfigError(f"head grid stacked=True, but {reason}; stacked=False steps them with torch.optim")
+        return HeadList(heads), grid_optimizer(module, heads, grid, fused)
+    settings = {}  # per parameter: (lr, weight decay) of its group in the run
+    for head, setting in zip(heads, grid):
+        named = [(f"head.{name}", param) for name, param in head.named_parameters()]
+        head_groups, _ = param_groups(module, named, float(setting["lr"]), float(setting["weight_decay"]),
+                                      module.layer_decay, module.lr_mult)
+        settings |= {param: (group["lr"], group["weight_decay"]) for group in head_groups for param in group["params"]}
+    weight_lr, weight_decay = zip(*(settings[linear.weight] for linear in linears))
+    bias_lr, bias_decay = zip(*(settings[linear.bias] for linear in linears))
+    stack = stacked_heads.StackedLinear(linears)
+    return stack, stacked_heads.StackedHeadOptimizer(stack, template, weight_lr, weight_decay, bias_lr, bias_decay)
 
 
 def head_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -109,14 +149,17 @@ def head_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def fit_head_grid(cfg: DictConfig, grid: list[dict[str, float]], *, epochs: int | None = None,
-                  fused: bool = True) -> dict:
+                  fused: bool = True, stacked: bool | None = None) -> dict:
     """Train one head per {"lr", "weight_decay"} of `grid` together on the cached features of `cfg` (a composed
-    finetune-train config with strategy=cached) for `epochs` (None: cfg.trainer.max_epochs). fused=False keeps the
+    finetune-train config with strategy=cached) for `epochs` (None: cfg.trainer.max_epochs). stacked: step linear
+    heads as one stacked tensor (None: where the heads and optimizer allow it, True: or refuse, False: torch.optim
+    with a group per head). fused, on the torch.optim path only: torch's fused kernel; fused=False keeps the
     optimizer's default kernel, as the real run uses it (bitwise the run, where fused differs by rounding).
 
     Returns {"heads": [{"lr", "weight_decay", "val_acc": [per epoch], "val_loss": [per epoch], "best_val_acc",
     "best_epoch"} in grid order], "seconds": the grid fit's wall time, "extract_seconds": feature extraction's (0
-    on a cache hit), "samples": train rows, "epochs": epochs, "cache_keys": {split: key} of the entries read}."""
+    on a cache hit), "samples": train rows, "epochs": epochs, "cache_keys": {split: key} of the entries read,
+    "stacked": whether the heads were stepped stacked}."""
     epochs = check_grid(cfg, grid, epochs)
     trainer = grid_trainer(cfg)
     L.seed_everything(cfg.seed, workers=True)  # as train() does before build: every head starts from the run's head
@@ -128,9 +171,8 @@ def fit_head_grid(cfg: DictConfig, grid: list[dict[str, float]], *, epochs: int 
     device = trainer.strategy.root_device
     # every head a copy of the run's freshly built head: head k alone is the run with (lr_k, wd_k)
     heads = nn.ModuleList(copy.deepcopy(module.head) for _ in grid).to(device)
-    linears = linear_layers(heads)
     train_loader, val_loader = datamodule.train_dataloader(), datamodule.val_dataloader()
-    optimizer = grid_optimizer(module, heads, grid, fused)
+    heads, optimizer = grid_heads(module, heads, grid, fused, stacked)
     # the run's schedule: module.configure_optimizers' for a single phase, over trainer.estimated_stepping_batches
     scheduler = phased_schedule(optimizer, epochs * len(train_loader), module.schedule_shape)
     autocast = entry_identity.extraction_mode(device, str(trainer.precision))["autocast"]
@@ -146,13 +188,13 @@ def fit_head_grid(cfg: DictConfig, grid: list[dict[str, float]], *, epochs: int 
             features, labels = datamodule.on_after_batch_transfer(to_device(batch, device), 0)
             with precision:
                 # the sum of the heads' mean cross-entropies: each head's parameters get its own loss's gradient only
-                loss = head_losses(grid_logits(heads, linears, features), labels).sum() / len(labels)
+                loss = head_losses(heads(features), labels).sum() / len(labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-        accuracy, mean_loss = evaluate(heads, linears, val_loader, datamodule, device, precision)
+        accuracy, mean_loss = evaluate(heads, len(grid), val_loader, datamodule, device, precision)
         val_acc.append(accuracy)
         val_loss.append(mean_loss)
         best = max(range(len(grid)), key=lambda k: accuracy[k])
@@ -163,7 +205,8 @@ def fit_head_grid(cfg: DictConfig, grid: list[dict[str, float]], *, epochs: int 
                       for k, setting in enumerate(grid)],
             "seconds": seconds, "extract_seconds": datamodule.report["extract_seconds"],
             "samples": train_loader.sampler.length, "epochs": epochs,
-            "cache_keys": dict(datamodule.report["cache_keys"])}
+            "cache_keys": dict(datamodule.report["cache_keys"]),
+            "stacked": isinstance(heads, stacked_heads.StackedLinear)}
 
 
 def to_device(batch, device: torch.device):
@@ -171,16 +214,17 @@ def to_device(batch, device: torch.device):
 
 
 @torch.inference_mode()
-def evaluate(heads: nn.ModuleList, linears, loader, datamodule, device: torch.device, precision) -> tuple[list, list]:
-    """Every head's accuracy and mean cross-entropy over the val split, read back once."""
+def evaluate(heads: nn.Module, count: int, loader, datamodule, device: torch.device,
+             precision) -> tuple[list, list]:
+    """Every head's (`count` of them) accuracy and mean cross-entropy over the val split, read back once."""
     heads.eval()
-    correct = torch.zeros(len(heads), device=device, dtype=torch.float64)
-    total_loss = torch.zeros(len(heads), device=device, dtype=torch.float64)
+    correct = torch.zeros(count, device=device, dtype=torch.float64)
+    total_loss = torch.zeros(count, device=device, dtype=torch.float64)
     samples = 0
     for batch in loader:
         features, labels = datamodule.on_after_batch_transfer(to_device(batch, device), 0)
         with precision:
-            logits = grid_logits(heads, linears, features)
+            logits = heads(features)
         correct += (logits.argmax(-1) == labels[:, None]).sum(0)
         total_loss += head_losses(logits, labels)
         samples += len(labels)
