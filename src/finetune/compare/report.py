@@ -148,12 +148,12 @@ def tuning_markdown(tunings: dict[str, dict]) -> str:
     first = next((r for r in tunings.values() if "seed" in r), next(iter(tunings.values())))
     cap = f", within {first['max_minutes']:g} minutes each" if first.get("max_minutes") else ""
     lines = ["", "## Tuning (on val; the test split untouched until the runs above)", "",
-             f"Every strategy with a search_space had {first['trials_budget']} trials{cap} at seed "
-             f"{first.get('seed')} (not a test seed), the configured values first; a head-only search (head_grid) "
-             f"tries its {first['trials_budget']} heads in one pass, lp_ft's probe grid comes before its Optuna "
-             f"trials. The best val accuracy's configuration ran the seeded test runs. Figure: tuning.png.", "",
-             "| strategy | method | trials run | pruned | failed | best val acc | chosen | tuning wall s | "
-             "tuning training s |", "|---|---|---|---|---|---|---|---|---|"]
+             (f"Every strategy with a search_space had {first['trials_budget']} trials{cap} at seed "
+              f"{first.get('seed')} (not a test seed), the configured values first; a head-only search (head_grid) "
+              f"tries its {first['trials_budget']} heads in one pass, lp_ft's probe grid comes before its Optuna "
+              f"trials. The best val accuracy's configuration ran the seeded test runs. Figure: tuning.png."), "",
+             ("| strategy | method | trials run | pruned | failed | best val acc | chosen | tuning wall s | "
+              "tuning training s |"), "|---|---|---|---|---|---|---|---|---|"]
     for name, r in [(f"{s} (split {one.get('split_seed')})" if "per_split" in record else s, one)
                     for s, record in tunings.items() for one in record.get("per_split", [record])]:
         best = "-" if r.get("best_val_acc") is None else f"{r['best_val_acc']:.4f}"

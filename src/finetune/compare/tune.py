@@ -126,7 +126,7 @@ def checked_space(strategy: str, cfg: DictConfig) -> dict[str, str]:
                               f"dotted config key such as optimizer.lr, optimizer.weight_decay or strategy.<field>")
         try:
             override = OverridesParser.create().parse_overrides([f"{key}={value}"])[0]
-        except Exception as err:  # the override grammar's refusal
+        except OverrideParseException as err:  # the override grammar's refusal
             raise ConfigError(f"strategy {strategy}: search_space {key}: {value} is not a range Optuna reads "
                               f"({str(err).strip().splitlines()[-1]}); e.g. tag(log, interval(1e-5, 1e-2)), "
                               f"interval(0.0, 0.5), choice(4, 8, 16)") from None
@@ -174,7 +174,7 @@ def warmup_epochs(cfg: DictConfig) -> int:
     try:
         strategy = instantiate(cfg.strategy)
         return int(strategy.phase_start_epochs()[-1])
-    except Exception:  # a strategy that cannot be built here (an optional package): prune from the start
+    except Exception:  # noqa: BLE001 - one that cannot be built here (a missing optional package): no warm-up
         return 0
 
 
@@ -299,7 +299,7 @@ def optuna_trials(sweep_dir: Path) -> tuple[dict, list[dict], bool]:
 
 
 def subprocess_run(command: list[str]) -> int:
-    return subprocess.run(command).returncode
+    return subprocess.run(command, check=False).returncode
 
 
 def tune_strategy(plan: Plan, cfg: DictConfig, cached_cfg: DictConfig | None, budget: Budget, base: list[str],
