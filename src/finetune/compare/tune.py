@@ -102,10 +102,9 @@ def checked_space(strategy: str, cfg: DictConfig) -> dict[str, str]:
     """The strategy's search_space as {config key: Optuna override value}, null entries (a preset dropping a key it
     inherits) left out; refused in one line when a key names no config field or a range is empty or inverted."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
-    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import (
-        distribution_from_override,
-    )
+    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import distribution_from_override
 
     raw = cfg.get("search_space")
     if raw is None:
