@@ -104,7 +104,9 @@ def checked_space(strategy: str, cfg: DictConfig) -> dict[str, str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import distribution_from_override
+    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import (
+        distribution_from_override,
+    )
 
     raw = cfg.get("search_space")
     if raw is None:
