@@ -23,7 +23,8 @@ from tests.test_cli import run_main
     ({"trials": 2.5}, "compare.tune.trials=2.5 must be an integer"),
     ({"trials": 4, "max_minutes": 0}, "compare.tune.max_minutes=0 must be a number of minutes above 0"),
     ({"trials": 4, "seed": 42}, "compare.tune.seed=42 is one of compare.seeds=[42, 43]"),
-    ({"trials": 4, "pruner": "mean"}, "compare.tune.pruner=mean; choose one of: median, hyperband")])
+    ({"trials": 4, "pruner": "mean"}, "compare.tune.pruner=mean; choose one of: median, hyperband"),
+    ({"trials": 4, "warmup_epochs": -1}, "compare.tune.warmup_epochs=-1 must be an integer of at least 0")])
 def test_a_bad_budget_is_one_line_naming_what_is_valid(setting, expected):
     with pytest.raises(ConfigError, match="^" + expected.replace("[", r"\[").replace("]", r"\]")):
         tune.checked_budget(setting, [42, 43])
@@ -193,9 +194,11 @@ def test_a_key_the_user_sets_is_pinned_not_tuned(tmp_path):
 def test_the_configured_values_are_tried_first_and_staged_knobs_are_not_pruned_before_their_phase(tmp_path):
     freeze = tune.plan_of("freeze", strategy_cfg(tmp_path, "freeze"))
     assert freeze.configured == {"optimizer.lr": 0.01, "optimizer.weight_decay": 0.01} and freeze.warmup_epochs == 0
-    command = tune.optuna_command(freeze, tune.Budget(4, None, 0, "median"), ["train"], {}, tmp_path, 1)
+    command = tune.optuna_command(freeze, tune.Budget(4, None, 0, "median", 0), ["train"], {}, tmp_path, 1)
     assert "hydra.sweeper.enqueue=[{optimizer.lr:0.01,optimizer.weight_decay:0.01}]" in command
     assert "hydra.sweeper.pruner=median" in command
+    command = tune.optuna_command(freeze, tune.Budget(4, None, 0, "median", 2), ["train"], {}, tmp_path, 1)
+    assert "hydra.sweeper.pruner={_target_:optuna.pruners.MedianPruner,n_warmup_steps:2}" in command
     lp_ft = tune.plan_of("lp_ft", strategy_cfg(tmp_path, "lp_ft"))
     assert lp_ft.warmup_epochs == 10, "the fine-tuning lr acts from epoch 10 (after the 10 probe epochs)"
     command = tune.optuna_command(lp_ft, tune.Budget(4, None, 0, "median"), ["train"], {"strategy.probe_lr": 0.02},

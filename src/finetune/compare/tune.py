@@ -41,11 +41,12 @@ PRUNERS = ("median", "hyperband", "successive_halving", "none")
 @dataclass(frozen=True)
 class Budget:
     """compare.tune: configurations tried per strategy, a wall-clock cap (minutes, per strategy), the seed of every
-    tuning run, the pruner of the Optuna trials."""
+    tuning run, the pruner of the Optuna trials and the epochs every trial runs before it may be pruned."""
     trials: int
     max_minutes: float | None
     seed: int
     pruner: str
+    warmup_epochs: int = 2
 
 
 def checked_budget(tune: DictConfig | dict | None, seeds: list[int]) -> Budget:
@@ -69,7 +70,11 @@ def checked_budget(tune: DictConfig | dict | None, seeds: list[int]) -> Budget:
     pruner = str(tune.get("pruner", "median"))
     if pruner not in PRUNERS:
         raise ConfigError(f"compare.tune.pruner={pruner}; choose one of: {', '.join(PRUNERS)}")
-    return Budget(trials, float(minutes) if minutes is not None else None, seed, pruner)
+    warmup = tune.get("warmup_epochs", 2)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"compare.tune.warmup_epochs={warmup} must be an integer of at least 0 (epochs every trial "
+                          f"runs before the pruner may stop it)")
+    return Budget(trials, float(minutes) if minutes is not None else None, seed, pruner, warmup)
 
 
 # -- what each strategy tunes
@@ -251,8 +256,9 @@ def optuna_command(plan: Plan, budget: Budget, base: list[str], fixed: dict, swe
     space = [f"{k}={plan.space[k]}" for k in keys]
     cap = [f"hydra.sweeper.timeout={max(seconds_left, 1.0):.0f}"] if seconds_left is not None else []
     pruner = budget.pruner
-    if pruner == "median" and plan.warmup_epochs:
-        pruner = f"{{_target_:optuna.pruners.MedianPruner,n_warmup_steps:{plan.warmup_epochs}}}"
+    warmup = max(plan.warmup_epochs, budget.warmup_epochs)
+    if pruner == "median" and warmup:
+        pruner = f"{{_target_:optuna.pruners.MedianPruner,n_warmup_steps:{warmup}}}"
     first = {k: plan.configured[k] for k in keys if k in plan.configured}
     enqueue = ([f"hydra.sweeper.enqueue=[{{{','.join(f'{k}:{v!r}' for k, v in first.items())}}}]"]
                if len(first) == len(keys) else [])
