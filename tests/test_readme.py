@@ -72,7 +72,7 @@ def kind(command: str) -> str | None:
     if words[0] in ("finetune-eval", "finetune-cache", "finetune-predict", "finetune-export"):
         return words[0].removeprefix("finetune-")
     if words[0] == "finetune-bench":
-        if words[1:2] in (["cache"], ["loader"], ["storage"]):
+        if words[1:2] in (["cache"], ["loader"], ["storage"], ["head_grid"]):
             return f"bench_{words[1]}"
         return "bench_cuda" if "cuda" in words else "bench"
     return None
@@ -298,6 +298,15 @@ def test_readme_command(command, shared, tmp_path, request, monkeypatch):
         bench_main([*words[1:], "--rows", "200", "--size", "16", "--libraries", "npy", "safetensors",
                     "--work-dir", str(tmp_path / "work"), "--out", str(out)])
         assert [r["library"] for r in json.loads(out.read_text())["results"]] == ["npy", "safetensors"]
+    elif how == "bench_head_grid":
+        from finetune.bench.cli import main as bench_main
+
+        # the tiny model on 64 fake rows, two widths: the command's path (tests/bench/test_bench.py checks the table)
+        out = tmp_path / "bench_head_grid.json"
+        bench_main([*words[1:], "--sizes", "fake:64", "--heads", "1", "2", "--repeats", "1", "--epochs", "fake:64=1",
+                    "--batch-size", "16", "--overrides", "backbone=timm", "backbone.name=test_efficientnet",
+                    "backbone.pretrained=false", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+        assert [r["heads"] for r in json.loads(out.read_text())["rows"]] == [1, 2]
     elif how in ("bench", "bench_cuda"):
         from finetune.bench.training import benchmark
 
