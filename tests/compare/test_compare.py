@@ -421,6 +421,38 @@ def test_the_launcher_runs_jobs_at_once_and_gives_each_its_own_gpu(monkeypatch, 
     assert failure["job"] == 2 and "exited with 1 without a failure record" in failure["error"]
 
 
+@pytest.mark.parametrize("jobs,user_threads,expected", [(2, None, "1"), (1, None, None), (2, "3", None)])
+def test_cpu_jobs_side_by_side_share_the_cores(monkeypatch, tmp_path, jobs, user_threads, expected):
+    """Two CPU jobs at once on 2 cores get one thread each (torch's default, every core each, oversubscribes: an
+    epoch took 3x as long); one job keeps torch's default; a user's OMP_NUM_THREADS is left as it is."""
+    from hydra_plugins.finetune_launcher import local_processes
+
+    envs = []
+
+    class Child:
+        returncode = 0
+
+        def __init__(self, command, env):
+            envs.append(env)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(local_processes.subprocess, "Popen", Child)
+    monkeypatch.setattr(local_processes.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(local_processes.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    if user_threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", user_threads)
+    launcher = local_processes.LocalProcessesLauncher(jobs=jobs, gpus=[])
+    config = compose_config(tmp_path, ["hydra.sweep.dir=" + str(tmp_path / "sweep")], return_hydra=True)
+    launcher.setup(hydra_context=HydraContextStub(), task_function=None, config=config)
+    launcher.launch([["strategy=freeze"], ["strategy=full"]], 0)
+    threads = {env.get("OMP_NUM_THREADS") for env in envs} - ({user_threads} if user_threads else set())
+    assert threads == ({expected} if expected else (set() if user_threads else {None}))
+
+
 @pytest.mark.slow
 def test_a_failed_job_of_a_local_processes_sweep_ends_in_the_summary_and_jobs_return_their_metric(tmp_path):
     """One job of two fails in its own process: the sweep used to end in Hydra's traceback ("job 1 exited with 2")
