@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -305,15 +304,11 @@ def optuna_trials(sweep_dir: Path) -> tuple[dict, list[dict], bool]:
 # -- one strategy, start to end
 
 
-def subprocess_run(command: list[str]) -> int:
-    return subprocess.run(command, check=False).returncode
-
-
 def tune_strategy(plan: Plan, cfg: DictConfig, cached_cfg: DictConfig | None, budget: Budget, base: list[str],
-                  output_dir: Path, jobs: int, run: Callable[[list[str]], int] = subprocess_run,
+                  output_dir: Path, jobs: int, run: Callable[[list[str]], int],
                   folder: str | None = None) -> dict:
     """Tune one strategy; writes and returns its tuning.json in <output_dir>/tune/<folder> (default: the strategy's
-    name). `run` runs a command (the Optuna sweep)."""
+    name). `run` runs a command (the Optuna sweep: compare/cli.py's run_sweep)."""
     folder = output_dir / TUNE_DIR / (folder or plan.strategy)
     folder.mkdir(parents=True, exist_ok=True)
     record = {"strategy": plan.strategy, "method": plan.method, "trials_budget": budget.trials,
