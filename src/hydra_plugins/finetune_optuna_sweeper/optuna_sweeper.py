@@ -319,17 +319,16 @@ class OptunaSweeper(Sweeper):
                     trials = self.study.get_trials(deepcopy=False)
                     finished = sum(map(counts_toward_n_trials, trials))
                     running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-                    if finished >= self.n_trials:
+                    action = self._slot_action(finished, len(running))
+                    if action == "done":
                         return
-                    if time.monotonic() >= self._deadline:
+                    if action == "stop":
                         if not self._timed_out:
                             self._timed_out = True
                             log.info("hydra.sweeper.timeout=%ss reached: no new trial (%d finished)",
                                      self.timeout, finished)
                         return
-                    trial = None
-                    if finished + len(running) < self.n_trials:
-                        trial = self._ask()
+                    trial = self._ask() if action == "ask" else None
                 if trial is None:  # the rest are in flight (here or in other workers): wait for them, or their death
                     self._stop.wait(min(1.0, self.heartbeat_interval))
                     with self._lock:
@@ -341,6 +340,16 @@ class OptunaSweeper(Sweeper):
             self._last_failure = err
             self._failed = self._told = max(self._told, 1)
             self._stop.set()
+
+    def _slot_action(self, finished: int, in_flight: int) -> str:
+        """What a free slot does next: "done" (n_trials finished), "wait" (the rest are in flight, so the deadline
+        denies no trial and the study is not cut short), "stop" (the deadline passed before a trial still to be
+        asked) or "ask"."""
+        if finished >= self.n_trials:
+            return "done"
+        if finished + in_flight >= self.n_trials:
+            return "wait"
+        return "stop" if time.monotonic() >= self._deadline else "ask"
 
     def _ask(self):
         """The next trial, or None (and the trial withdrawn) when other workers claimed the last ones meanwhile."""
