@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -82,6 +85,38 @@ def test_the_wall_clock_cap_stops_only_trials_still_to_be_asked():
     sweeper._deadline = -math.inf  # after it
     assert [sweeper._slot_action(f, r) for f, r in [(3, 2), (10, 1), (10, 2), (12, 0)]] == ["stop", "stop", "wait",
                                                                                          "done"]
+
+
+def test_a_trial_just_asked_by_another_live_worker_is_not_failed_as_dead(tmp_path):
+    """Unit: the dead-worker check. Two workers started together once raced: one read the other's new trial between
+    its two attribute writes (a worker, no heartbeat yet), took it for silent since 1970 and failed it, and the
+    asking worker's slot died on its next write. A trial asked moments ago by a live worker stays RUNNING, whatever
+    the order of its attributes; one of a process that is gone is failed and asked again."""
+    import socket
+
+    import optuna
+
+    from finetune.search.pruning import open_storage
+    from hydra_plugins.finetune_optuna_sweeper.optuna_sweeper import HEARTBEAT_ATTR, WORKER_ATTR, OptunaSweeper
+
+    study = optuna.create_study(study_name="race", storage=open_storage(str(tmp_path / "study.journal")))
+    sweeper = OptunaSweeper(sampler=None, direction="maximize", storage=None, study_name=None, n_trials=5, n_jobs=1,
+                            max_failure_rate=0.0, search_space=None, custom_search_space=None, params=None)
+    sweeper.study = study
+    here = f"{socket.gethostname()}:{os.getpid()}"
+    half_written = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    half_written.set_user_attr(WORKER_ATTR, here)  # the older order, caught between its two writes
+    new_order = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    new_order.set_user_attr(HEARTBEAT_ATTR, time.time())  # caught between the two writes: no worker yet
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    orphan.set_user_attr(HEARTBEAT_ATTR, time.time())
+    orphan.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{gone.pid}")
+    sweeper._fail_dead_trials()
+    states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+    assert states[half_written.number] == states[new_order.number] == "RUNNING"
+    assert states[orphan.number] == "FAIL" and states[3] == "WAITING", "the dead worker's trial is asked again"
 
 
 # -- hydra/sweeper=optuna: pruning, options, bad input, shared and resumed studies ---------------------------------

@@ -356,8 +356,10 @@ class OptunaSweeper(Sweeper):
         import optuna
 
         trial = self.study.ask(self.search["distributions"])
-        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+        # the heartbeat before the worker: a worker that reads the trial between the two writes skips it (no worker
+        # yet) instead of finding a worker without a heartbeat, silent since 1970, and failing a trial just asked
         trial.set_user_attr(HEARTBEAT_ATTR, time.time())
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         if self.search["extender"] is not None:
             self.search["extender"](self.config, trial)
         earlier = [t for t in self.study.get_trials(deepcopy=False) if t.number < trial.number and (
@@ -462,7 +464,10 @@ class OptunaSweeper(Sweeper):
             if worker is None:
                 continue
             worker_host, _, pid = worker.rpartition(":")
-            silent = now - float(trial.user_attrs.get(HEARTBEAT_ATTR, 0)) > self.grace_period
+            last_sign = trial.user_attrs.get(HEARTBEAT_ATTR)
+            if last_sign is None:  # written by an older worker in the other order: alive since it was asked
+                last_sign = trial.datetime_start.timestamp() if trial.datetime_start else now
+            silent = now - float(last_sign) > self.grace_period
             if not silent and not (worker_host == host and not process_alive(int(pid))):
                 continue
             try:
